@@ -1,1 +1,1 @@
-
+"""Code shared by the CAST and OAP projects: compatibility, data, engine, evaluation."""
