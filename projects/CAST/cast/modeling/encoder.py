@@ -1,0 +1,213 @@
+"""The CAST encoder (Sec. 3, Alg. 2): segment tokens, ViT blocks and graph pooling, fine to coarse.
+
+One module covers the paper's models and its Table 3a ablations:
+  * CAST-S/B (and the deep variants): ``tokens="segment"``, ``pooling=True``;
+  * "Segment tokens, no pooling": ``tokens="segment"``, ``pooling=False`` (all blocks on S_0);
+  * "Patch tokens (with / without pooling)": pass square patch cells as the label map
+    (``cast.superpixels.patch_superpixels``), e.g. 16x16 cells = ViT's 196 tokens at 224.
+Blocks are timm ViT blocks (qkv bias, LayerNorm eps 1e-6), numbered flat as in the released code.
+"""
+import logging
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .graph_pool import GraphPool, key_padding_bias
+from .segment_ops import count_segments, grid_to_segment_matrix
+from .stem import ConvStem, sincos_position_embedding
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CASTEncoder", "compose_hierarchy"]
+
+
+def compose_hierarchy(superpixels: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Eq. 2: S_l = S_0 x P_1 x ... x P_l with hard (argmax) assignments.
+
+    Args:
+        superpixels: (B, H, W) int64 S_0, -1 = padding.
+        assignments: per level l >= 1 a (B, M_{l-1}) int64 tensor: the level-l segment of each
+            level-(l-1) segment.
+    Returns:
+        (B, L+1, H, W) int64 label maps; level l's labels index level l's tokens. Nested by
+        construction: two pixels in one level-l segment share every coarser segment.
+    """
+    b = superpixels.shape[0]
+    flat = superpixels.flatten(1)
+    keep = flat >= 0
+    maps = [superpixels]
+    seg_to_level = None  # (B, M_0) level-l index of each superpixel
+    for a in assignments:
+        seg_to_level = a if seg_to_level is None else a.gather(1, seg_to_level)
+        lvl = seg_to_level.gather(1, flat.clamp(min=0))
+        maps.append(torch.where(keep, lvl, torch.full_like(lvl, -1)).view_as(superpixels))
+    return torch.stack(maps, dim=1)
+
+
+class CASTEncoder(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int = 384,
+        depths: Sequence[int] = (3, 3, 3, 2),
+        num_heads: int = 12,
+        num_segments: Sequence[int] = (64, 32, 16, 8),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        pool_dropout: float = 0.1,
+        kappa: float = 5.0,
+        pooling: bool = True,
+        token_pool_mode: str = "bilinear",
+        pos_embed: str = "sincos",
+        pos_grid: Sequence[int] = (28, 28),
+        pos_row_first: bool = True,
+    ):
+        super().__init__()
+        if len(num_segments) != len(depths):
+            raise ValueError(f"need one segment count per block group: depths {list(depths)} vs "
+                             f"segments {list(num_segments)} (the last count is read-out only)")
+        if any(n <= 0 for n in num_segments):
+            raise ValueError(f"segment counts must be positive, got {list(num_segments)}")
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_segments = list(num_segments)
+        self.pooling = pooling
+        self.token_pool_mode = token_pool_mode
+        self.pos_embed_type = pos_embed
+        self.pos_row_first = pos_row_first
+
+        self.stem = ConvStem(embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.normal_(self.cls_token, std=1e-6)
+        # position of the class token: zero and frozen in the released MoCo models
+        self.pe_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=False)
+        if pos_embed == "learned":  # DeiT-trained CAST: learned grid embedding, resized as needed
+            self.pos_grid = tuple(pos_grid)
+            self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            self.pe_token.requires_grad_(True)
+        elif pos_embed != "sincos":
+            raise ValueError(f"unknown position embedding {pos_embed!r}: 'sincos' or 'learned'")
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for i in range(sum(depths))])
+        self.pools = nn.ModuleList([GraphPool(embed_dim, num_heads, kappa, pool_dropout)
+                                    for _ in depths]) if pooling else nn.ModuleList()
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._warned = False
+
+    # ------------------------------------------------------------------------------------------
+    def position_encoding(self, grid, device) -> torch.Tensor:
+        if self.pos_embed_type == "sincos":
+            return sincos_position_embedding(grid, self.embed_dim, row_first=self.pos_row_first, device=device)
+        pe = self.pos_embed
+        if tuple(grid) != self.pos_grid:
+            pe = pe.reshape(1, *self.pos_grid, -1).permute(0, 3, 1, 2)
+            pe = nn.functional.interpolate(pe, size=tuple(grid), mode="bicubic", align_corners=False)
+            pe = pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        return pe[0]
+
+    def segment_tokens(self, images: torch.Tensor, superpixels: torch.Tensor):
+        """Z_0 = [X_class; X_s] + [0; E_pos] (Sec. 3.1). Returns cls (B,1,D), tokens, valid."""
+        feats = self.stem(images)  # (B, D, h, w)
+        b, d, h, w = feats.shape
+        n = int(count_segments(superpixels).max())
+        mat, valid = grid_to_segment_matrix(superpixels, n, (h, w), self.token_pool_mode)
+        grid_feats = feats.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        pos = self.position_encoding((h, w), feats.device).to(feats.dtype)
+        tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos.unsqueeze(0))
+        cls = self.cls_token.expand(b, -1, -1) + self.pe_token
+        return cls, tokens, valid
+
+    def run_blocks(self, blocks, cls, tokens, valid):
+        x = torch.cat([cls, tokens], dim=1)
+        mask = None
+        if not bool(valid.all()):
+            mask = key_padding_bias(torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1), x.dtype)
+        for blk in blocks:
+            x = blk(x, attn_mask=mask)
+        return x[:, :1], x[:, 1:]
+
+    def forward(self, images: torch.Tensor, superpixels: torch.Tensor,
+                num_segments: Optional[Sequence[int]] = None) -> Dict[str, object]:
+        """Run CAST.
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+            superpixels: (B, H, W) int64 label maps 0..n-1 (-1 = padding) at image resolution.
+            num_segments: overrides the segment counts at test time (Table 6d).
+        Returns a dict with
+            ``cls`` (B, D) final LayerNorm of the class token (the recognition output);
+            ``levels``: per block group l, tokens (B, M_l, D) and ``valid`` (B, M_l);
+            ``logits``: per graph pooling, (B, M_{l-1}, M_l);
+            ``hierarchy`` (B, L+1, H, W) label maps (level 0 = superpixels) and
+            ``num_segments`` (B, L+1): segments each level has per image (fewer than asked
+            when an image has fewer tokens than a level's count).
+        """
+        if images.dim() != 4 or superpixels.dim() != 3 or images.shape[0] != superpixels.shape[0] \
+                or images.shape[-2:] != superpixels.shape[-2:]:
+            raise ValueError(f"images (B,3,H,W) and superpixels (B,H,W) must agree; got "
+                             f"{tuple(images.shape)} and {tuple(superpixels.shape)}")
+        counts = list(num_segments) if num_segments is not None else self.num_segments
+        if len(counts) != len(self.depths):
+            raise ValueError(f"expected {len(self.depths)} segment counts, got {list(counts)}")
+        superpixels = superpixels.long()
+        cls, tokens, valid = self.segment_tokens(images, superpixels)
+        n_per_level = [valid.sum(1)]
+        levels, logits, assignments = [], [], []
+        start = 0
+        for g, depth in enumerate(self.depths):
+            cls, tokens = self.run_blocks(self.blocks[start:start + depth], cls, tokens, valid)
+            start += depth
+            levels.append({"tokens": tokens, "valid": valid})
+            if g == len(self.depths) - 1:
+                out_cls = self.norm(cls)[:, 0]
+            if not self.pooling:
+                continue
+            pooled = self.pools[g](cls, tokens, valid, counts[g])
+            logits.append(pooled.logits)
+            assignments.append(pooled.logits.argmax(-1))
+            n_per_level.append(pooled.valid.sum(1))
+            if g < len(self.depths) - 1:  # the last pooling is used for the read-out only
+                cls, tokens, valid = pooled.cls_token, pooled.tokens, pooled.valid
+        num_segs = torch.stack(n_per_level, dim=1)
+        self._report_short_levels(num_segs, counts)
+        return {
+            "cls": out_cls,
+            "levels": levels,
+            "logits": logits,
+            "assignments": assignments,
+            "hierarchy": compose_hierarchy(superpixels, assignments),
+            "num_segments": num_segs,
+        }
+
+    def _report_short_levels(self, num_segs, counts):
+        if self._warned or not self.pooling:
+            return
+        short = num_segs[:, 1:] < torch.tensor(counts, device=num_segs.device)[None]
+        if bool(short.any()):
+            self._warned = True
+            img, lvl = [int(v) for v in short.nonzero()[0]]
+            logger.warning(
+                "CAST: an image has fewer segments than level %d asks for (%d < %d); that level "
+                "keeps what it has (see output 'num_segments'). Reported once.",
+                lvl + 1, int(num_segs[img, lvl + 1]), counts[lvl])
+
+    def unpool_to_superpixels(self, out: Dict[str, object]) -> List[torch.Tensor]:
+        """Eq. 4: each block group's tokens scattered back to the superpixels, (B, M_0, D) each."""
+        feats = [out["levels"][0]["tokens"]]
+        seg_to_level = None
+        for g in range(1, len(out["levels"])):
+            if self.pooling:
+                a = out["assignments"][g - 1]
+                seg_to_level = a if seg_to_level is None else a.gather(1, seg_to_level)
+                idx = seg_to_level.unsqueeze(-1).expand(-1, -1, self.embed_dim)
+                feats.append(out["levels"][g]["tokens"].gather(1, idx))
+            else:
+                feats.append(out["levels"][g]["tokens"])
+        return feats
