@@ -1,0 +1,18 @@
+"""Config keys shared by both projects (``add_hiseg_config``). Only keys that exist neither in
+detectron2 v0.6 nor on main are added, so our yaml files load with either."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_hiseg_config"]
+
+
+def add_hiseg_config(cfg):
+    s = cfg.SOLVER
+    s.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
+    s.BETAS = [0.9, 0.999]  # AdamW
+    # weight decay of position embeddings and class / [SEM] / [INS] tokens (no decay, as DeiT)
+    s.WEIGHT_DECAY_EMBED = 0.0
+    s.POLY_LR_POWER = 0.9  # "WarmupPolyLR": lr * (1 - iter / max_iter) ** power (Chen et al. 2016)
+    cfg.INPUT.DATASET_MAPPER_NAME = ""  # "" = detectron2's DatasetMapper; "CASTDatasetMapper" adds S_0
+    cfg.TEST.EVALUATORS = []  # empty = chosen from each test dataset's metadata.evaluator_type
+    cfg.HISEG = CN()
+    cfg.HISEG.VIS_PERIOD = 0

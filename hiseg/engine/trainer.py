@@ -1,0 +1,108 @@
+"""The trainer behind ``tools/train_net.py``: detectron2's DefaultTrainer with
+
+* evaluators chosen from each test dataset's ``metadata.evaluator_type`` (or TEST.EVALUATORS);
+* AdamW / SGD with parameter groups and warmup + cosine / poly schedules (``optim.py``);
+* atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file;
+* dataset mappers chosen by ``INPUT.DATASET_MAPPER_NAME`` (projects register theirs in
+  ``MAPPER_REGISTRY``).
+"""
+import logging
+import os
+from typing import Callable, Dict
+
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator)
+from detectron2.utils.registry import Registry
+
+from ..compat import coco_evaluator_kwargs
+from .checkpoint import AtomicDetectionCheckpointer
+from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
+
+__all__ = ["HisegTrainer", "build_evaluators", "MAPPER_REGISTRY", "EVALUATOR_FACTORIES"]
+
+logger = logging.getLogger(__name__)
+
+MAPPER_REGISTRY = Registry("HISEG_MAPPER")
+MAPPER_REGISTRY.__doc__ = "Dataset mappers selectable with INPUT.DATASET_MAPPER_NAME: cls(cfg, is_train)."
+
+
+def _coco(cfg, name, out):
+    return [COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs())]
+
+
+def _panoptic(cfg, name, out):
+    evs = [COCOPanopticEvaluator(name, out)]
+    if getattr(MetadataCatalog.get(name), "json_file", None):
+        evs.append(COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs()))
+    return evs
+
+
+def _sem_seg(cfg, name, out):
+    return [SemSegEvaluator(name, distributed=True, output_dir=out)]
+
+
+def _bsds(cfg, name, out):
+    from ..evaluation import HierarchicalSegEvaluator
+
+    return [HierarchicalSegEvaluator(name, output_dir=out)]
+
+
+# evaluator_type -> factory(cfg, dataset_name, output_folder) -> list of evaluators.
+# Projects add their own (e.g. "classification").
+EVALUATOR_FACTORIES: Dict[str, Callable] = {
+    "coco": _coco,
+    "coco_panoptic_seg": _panoptic,
+    "sem_seg": _sem_seg,
+    "bsds_hierarchical": _bsds,
+}
+
+
+def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    types = list(cfg.TEST.EVALUATORS) or [getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)]
+    evaluators = []
+    for t in types:
+        if t not in EVALUATOR_FACTORIES:
+            raise ValueError(f"no evaluator for evaluator_type {t!r} of dataset {dataset_name!r}; "
+                             f"known: {sorted(EVALUATOR_FACTORIES)} (set TEST.EVALUATORS or the metadata)")
+        evaluators += EVALUATOR_FACTORIES[t](cfg, dataset_name, output_folder)
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+class HisegTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # swap in the atomic checkpointer, also inside the periodic-checkpoint hook
+        old = self.checkpointer
+        self.checkpointer = AtomicDetectionCheckpointer(old.model, cfg.OUTPUT_DIR, **old.checkpointables)
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluators(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_hiseg_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_hiseg_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def _mapper(cls, cfg, is_train):
+        name = cfg.INPUT.DATASET_MAPPER_NAME
+        if not name:
+            return DatasetMapper(cfg, is_train)
+        return MAPPER_REGISTRY.get(name)(cfg, is_train)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=cls._mapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=cls._mapper(cfg, False))

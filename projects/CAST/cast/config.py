@@ -1,0 +1,39 @@
+"""Config keys of the CAST project (``add_cast_config``)."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_cast_config"]
+
+
+def add_cast_config(cfg):
+    """Add MODEL.CAST.* (defaults: CAST-S of the paper, Sec. 3.3) and MODEL.CAST.SUPERPIXEL.*."""
+    cfg.MODEL.CAST = CN()
+    c = cfg.MODEL.CAST
+    c.EMBED_DIM = 384
+    c.DEPTHS = [3, 3, 3, 2]
+    c.NUM_HEADS = 12
+    # segments after each block group; the last is used only for the hierarchy read-out
+    c.NUM_SEGMENTS = [64, 32, 16, 8]
+    # test-time override of NUM_SEGMENTS (Table 6d); empty = same as training
+    c.TEST_NUM_SEGMENTS = []
+    c.MLP_RATIO = 4.0
+    c.DROP_PATH_RATE = 0.0
+    c.POOL_DROPOUT = 0.1
+    c.KAPPA = 5.0  # softmax scale of the cosine assignment (released code)
+    c.POOLING = True  # Table 3a: graph pooling on/off
+    c.TOKENS = "segment"  # Table 3a: "segment" (superpixels) or "patch" (square cells)
+    c.PATCH_SIZE = 16  # cell size for TOKENS="patch"
+    c.TOKEN_POOL_MODE = "bilinear"  # "bilinear" (segmentation code, any size) or "nearest"
+    c.POS_EMBED = "sincos"  # "sincos" (MoCo) or "learned" (DeiT)
+    c.POS_GRID = [28, 28]  # grid of a learned position embedding (224 / 8)
+    c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row
+    c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1
+
+    c.SUPERPIXEL = CN()
+    s = c.SUPERPIXEL
+    s.METHOD = "seeds"  # "seeds" | "slic" | "grid"
+    s.NUM_SUPERPIXELS = 196  # <= 0: H*W / PIXELS_PER_SUPERPIXEL (dense tasks)
+    s.PIXELS_PER_SUPERPIXEL = 256
+    s.HISTOGRAM_BINS = 5  # 15 for MoCo training, 5 for supervised / dense (released code)
+    s.ITERATIONS = 15  # 20 for MoCo training, 15 for supervised / dense
+    s.PRIOR = 2

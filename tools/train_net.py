@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Train and evaluate any model of this project (CAST, OAP, or a built-in detectron2
+meta-architecture on a CAST backbone) with detectron2's trainer.
+
+    python tools/train_net.py --config-file configs/CAST/<cfg>.yaml [--eval-only] [--resume]
+        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [KEY VALUE ...]
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+import torch  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+
+import hiseg.data  # noqa: E402,F401  (registers datasets)
+from hiseg.setup import add_all_configs  # noqa: E402
+from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
+
+logger = logging.getLogger("hiseg")
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = HisegTrainer.build_model(cfg)
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = HisegTrainer.test(cfg, model)
+        if torch.cuda.is_available() and cfg.TEST.EXPECTED_RESULTS:
+            verify_results(cfg, res)
+        return res
+    trainer = HisegTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        raise SystemExit(f"--num-gpus {args.num_gpus} needs CUDA GPUs (detectron2's launch uses NCCL "
+                         "and v0.6 asserts CUDA for more than one process); use --num-gpus 1 on a CPU")
+    print("Command Line Args:", args)
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli()
