@@ -2,7 +2,8 @@
 
 * evaluators chosen from each test dataset's ``metadata.evaluator_type`` (or TEST.EVALUATORS);
 * AdamW / SGD with parameter groups and warmup + cosine / poly schedules (``optim.py``);
-* atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file;
+* atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file, and the
+  optimizer state inside them on detectron2 v0.6 too (v0.6 forgot it);
 * dataset mappers chosen by ``INPUT.DATASET_MAPPER_NAME`` (projects register theirs in
   ``MAPPER_REGISTRY``).
 """
@@ -79,6 +80,21 @@ class HisegTrainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+
+    # detectron2 v0.6's DefaultTrainer does not checkpoint its inner trainer, so the optimizer
+    # state was lost on --resume; upstream main saves it under "_trainer". Do the same on v0.6.
+    _D2_SAVES_INNER_TRAINER = "state_dict" in DefaultTrainer.__dict__
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if not self._D2_SAVES_INNER_TRAINER:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not self._D2_SAVES_INNER_TRAINER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

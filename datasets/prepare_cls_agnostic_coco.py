@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Write a class-agnostic copy of a COCO instances JSON: every category becomes one, ``fg``.
+
+This is the annotation file of CutLER's ``cls_agnostic_coco`` evaluation set
+(https://github.com/facebookresearch/CutLER, ``datasets/coco/annotations/
+coco_cls_agnostic_instances_val2017.json``). All annotations keep their ``id``, ``image_id``,
+``bbox``, ``area``, ``segmentation`` and ``iscrowd``; only ``category_id`` becomes 1 and the
+category list becomes ``[{"id": 1, "name": "fg", "supercategory": "fg"}]``. Images, info and
+licences are copied unchanged. The same script makes the VOC / UVO files from their COCO-format
+annotations (``--input`` / ``--output``).
+
+Example::
+
+    python datasets/prepare_cls_agnostic_coco.py            # COCO val2017, CutLER's path
+    python datasets/prepare_cls_agnostic_coco.py --input a.json --output b.json
+"""
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.data.datasets.cls_agnostic import FG_CATEGORY  # noqa: E402
+from hiseg.data.datasets.common import atomic_write_json  # noqa: E402
+
+
+def make_class_agnostic(coco: dict, show_progress: bool = True) -> dict:
+    """The class-agnostic version of a COCO instances dict (a new dict; the input is untouched)."""
+    out = {k: v for k, v in coco.items() if k not in ("annotations", "categories")}
+    out["categories"] = [dict(FG_CATEGORY)]
+    anns = []
+    for ann in tqdm(coco.get("annotations", []), desc="annotations", disable=not show_progress):
+        ann = dict(ann)
+        ann["category_id"] = FG_CATEGORY["id"]
+        anns.append(ann)
+    out["annotations"] = anns
+    return out
+
+
+def parse_args(argv=None):
+    root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--input",
+        default=os.path.join(root, "coco", "annotations", "instances_val2017.json"),
+        help="COCO instances JSON "
+        "(default: $DETECTRON2_DATASETS/coco/annotations/instances_val2017.json)",
+    )
+    p.add_argument(
+        "--output",
+        default=os.path.join(
+            root, "coco", "annotations", "coco_cls_agnostic_instances_val2017.json"
+        ),
+        help="where to write the class-agnostic JSON (default: CutLER's path)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isfile(args.input):
+        raise SystemExit(f"input JSON not found: {args.input}")
+    with open(args.input) as f:
+        coco = json.load(f)
+    out = make_class_agnostic(coco)
+    atomic_write_json(args.output, out)
+    print(
+        f"wrote {args.output}: {len(out['images'])} images, {len(out['annotations'])} annotations, "
+        f"1 category ('{FG_CATEGORY['name']}') from {len(coco.get('categories', []))}"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()
