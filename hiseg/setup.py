@@ -3,10 +3,12 @@ __all__ = ["add_all_configs"]
 
 
 def add_all_configs(cfg):
-    import cast  # registers the CAST backbone and mapper
+    import cast  # registers the CAST backbones, meta-architectures and mappers
 
     from .config import add_hiseg_config
+    from .modeling import add_vit_config  # registers build_vit_backbone
 
     add_hiseg_config(cfg)
+    add_vit_config(cfg)
     cast.add_cast_config(cfg)
     return cfg

@@ -24,6 +24,7 @@ from .datasets import (
     imagenet,
     partimagenet,
     pascal_context,
+    skimage_images,
     voc,
 )
 from .datasets.common import registered_names
@@ -39,6 +40,7 @@ DATASET_MODULES = [
     imagenet,
     partimagenet,
     densepose,
+    skimage_images,
 ]
 
 # BSDS500 is written by another engineer; import it once its module exists.

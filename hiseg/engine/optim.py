@@ -22,7 +22,7 @@ __all__ = ["param_groups", "build_hiseg_optimizer", "build_hiseg_lr_scheduler"]
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
           nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm)
 _EMBED_NAMES = ("cls_token", "pe_token", "pos_embed", "query_embed", "query_feat", "level_embed",
-                "sem_token", "ins_token", "mask_token")
+                "sem_token", "ins_token", "mask_token", "reg_token")
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float = 0.0,

@@ -4,3 +4,5 @@ from .config import add_cast_config
 from .modeling import CASTBackbone, CASTEncoder, build_cast_backbone
 from .superpixels import SuperpixelConfig, compute_superpixels
 from .data_mapper import CASTDatasetMapper, batch_superpixels
+from .moco import CASTMoCo
+from .moco_mapper import MoCoTwoViewMapper

@@ -29,6 +29,13 @@ def add_cast_config(cfg):
     c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1
 
+    cfg.MODEL.MOCO = CN()  # MoCo-v3 pre-training (Table 11)
+    cfg.MODEL.MOCO.DIM = 256
+    cfg.MODEL.MOCO.MLP_DIM = 4096
+    cfg.MODEL.MOCO.TEMPERATURE = 0.2
+    cfg.MODEL.MOCO.MOMENTUM = 0.99
+    cfg.MODEL.MOCO.CROP_MIN_SCALE = 0.08
+
     c.SUPERPIXEL = CN()
     s = c.SUPERPIXEL
     s.METHOD = "seeds"  # "seeds" | "slic" | "grid"

@@ -1,0 +1,40 @@
+"""``skimage_natural_images``: the natural photographs that ship inside scikit-image.
+
+Unlabelled; used by the main job and the demos as built-in training / picture data that needs no
+download. Text, synthetic and binary images of ``skimage.data`` are left out.
+"""
+import os
+
+from PIL import Image
+
+from .common import register_lazy
+
+__all__ = ["register_all", "SKIMAGE_NATURAL", "load_skimage_images"]
+
+SKIMAGE_NATURAL = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png",
+                   "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
+                   "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+                   "rocket.jpg")
+
+
+def load_skimage_images():
+    import skimage.data
+
+    folder = os.path.dirname(skimage.data.__file__)
+    out = []
+    for i, name in enumerate(SKIMAGE_NATURAL):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with Image.open(path) as im:
+            w, h = im.size
+        out.append({"file_name": path, "image_id": i, "height": h, "width": w})
+    if not out:
+        raise FileNotFoundError(f"no scikit-image sample images found in {folder}")
+    return out
+
+
+def register_all(root=None, overwrite=False):
+    register_lazy("skimage_natural_images", load_skimage_images,
+                  {"evaluator_type": "none", "source": "scikit-image skimage.data"},
+                  family="skimage", overwrite=overwrite)

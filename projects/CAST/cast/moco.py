@@ -1,0 +1,135 @@
+"""Self-supervised MoCo-v3 pre-training of CAST (Sec. 3.3, Table 11; Chen et al. 2021).
+
+``CASTMoCo`` (``MODEL.META_ARCHITECTURE: CASTMoCo``): a base encoder (CAST class token ->
+3-layer projector, hidden 4096, out 256, BN) with a 2-layer predictor, and a momentum copy of
+encoder + projector updated with m following a cosine schedule from ``MODEL.MOCO.MOMENTUM``
+(0.99) to 1. Loss: symmetric InfoNCE with temperature 0.2 over keys gathered from all GPUs,
+scaled by 2T as MoCo-v3. At test time it returns the segmentation hierarchy of each image
+(resized back to the input's height x width), which the hierarchical evaluator scores.
+"""
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+
+__all__ = ["CASTMoCo", "build_mlp", "moco_momentum", "concat_all_gather"]
+
+
+def build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
+    """MoCo-v3 MLP: Linear-BN-ReLU blocks, last Linear without bias, optional affine-free BN."""
+    layers = []
+    for i in range(num_layers):
+        d1 = in_dim if i == 0 else hidden_dim
+        d2 = out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d1, d2, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+def moco_momentum(base: float, it: int, max_iter: int) -> float:
+    """Cosine increase of the momentum from ``base`` to 1 (MoCo-v3's ``adjust_moco_momentum``)."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * it / max(max_iter, 1))) * (1.0 - base)
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    if comm.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(comm.get_world_size())]
+    torch.distributed.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@META_ARCH_REGISTRY.register()
+class CASTMoCo(nn.Module):
+    @configurable
+    def __init__(self, *, backbone, dim=256, mlp_dim=4096, temperature=0.2, momentum=0.99,
+                 max_iter=1, pixel_mean, pixel_std):
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.encoder.embed_dim
+        self.projector = build_mlp(3, width, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
+        self.momentum_backbone = copy.deepcopy(backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters()):
+            p.requires_grad_(False)
+        self.temperature = temperature
+        self.base_momentum = momentum
+        self.max_iter = max_iter
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MODEL.MOCO
+        return {"backbone": build_backbone(cfg), "dim": m.DIM, "mlp_dim": m.MLP_DIM,
+                "temperature": m.TEMPERATURE, "momentum": m.MOMENTUM, "max_iter": cfg.SOLVER.MAX_ITER,
+                "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def _normalize(self, images):
+        return (torch.stack([im.to(self.device).float() for im in images]) - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def _update_momentum_encoder(self, m: float):
+        pairs = list(zip(self.backbone.parameters(), self.momentum_backbone.parameters()))
+        pairs += list(zip(self.projector.parameters(), self.momentum_projector.parameters()))
+        for p, mp in pairs:
+            mp.mul_(m).add_(p.detach(), alpha=1.0 - m)
+
+    def _contrastive(self, q, k):
+        q = F.normalize(q, dim=1)
+        k = F.normalize(concat_all_gather(k), dim=1)
+        logits = q @ k.t() / self.temperature
+        labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * comm.get_rank()
+        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+    def _embed(self, backbone, projector, images, sps):
+        out = backbone.encoder(images, sps)
+        return projector(out["cls"])
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.inference(batched_inputs)
+        x1, x2 = (self._normalize([d[f"view{k}"] for d in batched_inputs]) for k in (1, 2))
+        s1, s2 = (torch.stack([d[f"superpixels{k}"] for d in batched_inputs]).to(self.device) for k in (1, 2))
+        it = get_event_storage().iter
+        m = moco_momentum(self.base_momentum, it, self.max_iter)
+        q1 = self.predictor(self._embed(self.backbone, self.projector, x1, s1))
+        q2 = self.predictor(self._embed(self.backbone, self.projector, x2, s2))
+        with torch.no_grad():
+            self._update_momentum_encoder(m)
+            k1 = self._embed(self.momentum_backbone, self.momentum_projector, x1, s1)
+            k2 = self._embed(self.momentum_backbone, self.momentum_projector, x2, s2)
+        get_event_storage().put_scalar("moco_momentum", m, smoothing_hint=False)
+        return {"loss_moco": self._contrastive(q1, k2) + self._contrastive(q2, k1)}
+
+    @torch.no_grad()
+    def inference(self, batched_inputs):
+        """Hierarchy per image: ``{"hierarchy": (L+1, height, width) int64, "num_segments": ...}``."""
+        results = []
+        for d in batched_inputs:
+            img = self._normalize([d["image"]])
+            sp = d.get("superpixels")
+            sp = sp[None].to(self.device) if sp is not None else self.backbone.superpixels_from_images(img)
+            out = self.backbone.encoder(img, sp)
+            h = out["hierarchy"][0]
+            height, width = d.get("height", h.shape[-2]), d.get("width", h.shape[-1])
+            if (height, width) != tuple(h.shape[-2:]):
+                h = F.interpolate(h[None].float(), size=(height, width), mode="nearest")[0].long()
+            results.append({"hierarchy": h, "num_segments": out["num_segments"][0], "cls": out["cls"][0]})
+        return results

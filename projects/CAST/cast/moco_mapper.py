@@ -1,0 +1,71 @@
+"""Two augmented views per image for MoCo-v3 pre-training, each with its own superpixels.
+
+Augmentations of MoCo-v3 (Chen et al. 2021), as the released CAST MoCo code uses them: random
+resized crop (scale 0.08-1) to ``INPUT.CROP.SIZE``, horizontal flip, colour jitter (0.4, 0.4,
+0.2, 0.1) with p=0.8, greyscale p=0.2, Gaussian blur (p=1.0 / 0.1, sigma 0.1-2.0) and solarize
+(p=0 / 0.2) for view 1 / view 2. Superpixels are computed on each augmented uint8 view (SEEDS,
+15 bins, 20 iterations, Table 11 / released code), so they always match the view's pixels.
+"""
+import copy
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+from hiseg.engine.trainer import MAPPER_REGISTRY
+
+from .superpixels import SuperpixelConfig, compute_superpixels, to_rgb_uint8
+
+__all__ = ["MoCoTwoViewMapper"]
+
+
+class _Blur:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if np.random.rand() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+
+
+class _Solarize:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if np.random.rand() < self.p else img
+
+
+def _view_transform(size, blur_p, solarize_p, scale_min):
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(scale_min, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        _Blur(blur_p),
+        _Solarize(solarize_p),
+    ])
+
+
+@MAPPER_REGISTRY.register()
+class MoCoTwoViewMapper:
+    def __init__(self, cfg, is_train: bool = True):
+        size = cfg.INPUT.CROP.SIZE[0]
+        scale_min = cfg.MODEL.MOCO.CROP_MIN_SCALE
+        self.views = [_view_transform(size, 1.0, 0.0, scale_min), _view_transform(size, 0.1, 0.2, scale_min)]
+        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
+        self.image_format = cfg.INPUT.FORMAT
+
+    def __call__(self, dataset_dict):
+        d = copy.deepcopy(dataset_dict)
+        with Image.open(d["file_name"]) as im:
+            img = Image.fromarray(to_rgb_uint8(np.asarray(im)))
+        for k, tf in enumerate(self.views, start=1):
+            view = np.ascontiguousarray(np.asarray(tf(img)))
+            sp = compute_superpixels(view, self.superpixel_cfg)
+            arr = view[:, :, ::-1] if self.image_format == "BGR" else view
+            d[f"view{k}"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            d[f"superpixels{k}"] = torch.from_numpy(sp)
+        return d

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Convert released CAST / DINO / timm ViT weights into a Detectron2 checkpoint for MODEL.WEIGHTS.
+
+    python tools/convert_cast_checkpoint.py --input checkpoint_0099.pth.tar --output cast_s_moco.pth
+    python tools/convert_cast_checkpoint.py --input best_checkpoint.pth --output cast_s_deit.pth \
+        --format cast-deit                       # then MODEL.CAST.POS_EMBED: learned
+    python tools/convert_cast_checkpoint.py --input checkpoint_0099.pth.tar --output cast_fpn.pth \
+        --prefix backbone.bottom_up.encoder.      # CAST wrapped by FPN (build_cast_fpn_backbone)
+    python tools/convert_cast_checkpoint.py --input dino_vitbase8_pretrain.pth --output vitb8.pth
+    python tools/convert_cast_checkpoint.py --input ... --output ... --config-file CFG [KEY VALUE ...]
+        # builds CFG's model, takes the prefix from it, checks every tensor fits before writing
+
+Checkpoints are read with torch's weights_only unpickler (only argparse.Namespace is allowed
+besides tensors and containers); .safetensors files are read with the safetensors package.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "CAST"))
+
+
+def parse_args(argv=None):
+    from cast.checkpoint import FORMATS, MODELS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="released checkpoint (.pth, .pth.tar, .safetensors)")
+    p.add_argument("--output", required=True, help="Detectron2 checkpoint to write (.pth)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="layout of --input (default: detect)")
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help="target backbone (default: the format's: cast for cast-*, vit for dino / timm-vit)")
+    p.add_argument("--prefix", default=None,
+                   help="key prefix inside the meta-architecture (default: found in --config-file's model, "
+                        "else 'backbone.encoder.' for cast, 'backbone.vit.' for vit; "
+                        "'backbone.bottom_up.encoder.' for CAST + FPN)")
+    p.add_argument("--ema", action="store_true", help="cast-deit: use 'model_ema' instead of 'model'")
+    p.add_argument("--img-size", type=int, nargs="+", default=None,
+                   help="vit: resample the position embedding to this image size (one or two ints)")
+    p.add_argument("--config-file", default=None, help="optional: build this config's model and check the fit")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...) for --config-file")
+    return p.parse_args(argv)
+
+
+def build_model_from_config(args):
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from hiseg.modeling import add_vit_config
+    from hiseg.setup import add_all_configs
+
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    add_vit_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    with torch.no_grad():
+        return build_model(cfg)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint, find_prefix,
+                                 save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
+
+    img_size = None
+    if args.img_size:
+        if len(args.img_size) > 2:
+            print("error: --img-size takes one or two integers", file=sys.stderr)
+            return 2
+        img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+    try:
+        result = convert_checkpoint(args.input, fmt=args.format, model=args.model, use_ema=args.ema,
+                                    img_size=img_size)
+        for m in result.messages:
+            print(f"- {m}")
+        print("config values these weights need:")
+        for k, v in result.config.items():
+            print(f"  {k}: {v}")
+        model = build_model_from_config(args) if args.config_file else None
+        prefix = args.prefix
+        if prefix is None:
+            prefix = find_prefix(model, result.model) if model is not None else DEFAULT_PREFIX[result.model]
+        data = to_detectron2_checkpoint(result, prefix)
+        if model is not None:
+            try:
+                verify_against_model(model, data["model"], prefix)
+            except CheckpointConversionError as e:
+                raise CheckpointConversionError(f"{e}. Does {args.config_file} set the values listed above?") from e
+            print(f"checked: every converted tensor fits the model of {args.config_file}")
+    except (CheckpointConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_detectron2_checkpoint(data, args.output)
+    print(f"wrote {len(data['model'])} tensors under {prefix!r} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
