@@ -64,12 +64,13 @@ def prepare_input(model, path, max_size):
     return img, {"image": t, "superpixels": sp, "height": img.shape[0], "width": img.shape[1]}
 
 
-def draw_pictures(model, out_dir, max_size):
+def draw_pictures(model, out_dir, max_size, limit=0):
     from cast.visualize import hierarchy_panels, save_panel_grid
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for d in DatasetCatalog.get("skimage_natural_images"):
+    dicts = DatasetCatalog.get("skimage_natural_images")
+    for d in dicts[:limit] if limit > 0 else dicts:
         img, inp = prepare_input(model, d["file_name"], max_size)
         with torch.no_grad():
             out = model.inference([inp])[0]
@@ -129,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--config-file", default=DEFAULT_CONFIG)
     ap.add_argument("--max-size", type=int, default=320, help="long side of images for pictures / BSDS")
     ap.add_argument("--bsds-images", type=int, default=20, help="BSDS500 val images to score (0 = all)")
+    ap.add_argument("--pictures", type=int, default=0, help="number of pictures to draw (0 = all 16)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = ap.parse_args(argv)
     setup_logger(name="hiseg")
@@ -153,7 +155,7 @@ def main(argv=None):
     trainer.train()
     model = trainer.model.eval()
 
-    draw_pictures(model, os.path.join(cfg.OUTPUT_DIR, "pictures"), args.max_size)
+    draw_pictures(model, os.path.join(cfg.OUTPUT_DIR, "pictures"), args.max_size, args.pictures)
     name, dicts = bsds_dataset()
     if dicts:
         print(bsds_table(model, name, dicts, args.bsds_images, args.max_size, cfg.OUTPUT_DIR), flush=True)

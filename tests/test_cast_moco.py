@@ -1,0 +1,95 @@
+"""MoCo-v3 pre-training of CAST (Table 11): two views with their own superpixels, momentum
+encoder with the cosine schedule, InfoNCE; and the main job end to end at a tiny size."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+import hiseg.data  # noqa: F401
+from cast.moco import moco_momentum
+from hiseg.engine import build_hiseg_optimizer
+from hiseg.setup import add_all_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
+SMALL = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.MOCO.MLP_DIM", 64, "MODEL.MOCO.DIM", 32,
+         "INPUT.CROP.SIZE", [64, 64], "MODEL.CAST.SUPERPIXEL.NUM_SUPERPIXELS", 49,
+         "MODEL.CAST.NUM_SEGMENTS", [16, 8, 4, 2]]
+
+
+def make_cfg(*opts):
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(CFG)
+    cfg.merge_from_list(SMALL + list(opts))
+    return cfg
+
+
+def test_momentum_schedule():
+    assert moco_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert moco_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert moco_momentum(0.99, 100, 100) == pytest.approx(1.0)
+
+
+def test_two_view_mapper_gives_views_with_matching_superpixels():
+    from cast.moco_mapper import MoCoTwoViewMapper
+
+    cfg = make_cfg()
+    d = MoCoTwoViewMapper(cfg, True)(DatasetCatalog.get("skimage_natural_images")[0])
+    for k in (1, 2):
+        assert d[f"view{k}"].shape == (3, 64, 64) and d[f"view{k}"].dtype == torch.uint8
+        sp = d[f"superpixels{k}"]
+        assert sp.shape == (64, 64) and int(sp.max()) + 1 == len(torch.unique(sp))
+    assert not torch.equal(d["view1"], d["view2"])
+
+
+def test_moco_trains_losses_finite_and_changing_and_teacher_moves():
+    from cast.moco_mapper import MoCoTwoViewMapper
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cfg = make_cfg("SOLVER.BASE_LR", 1e-3, "SOLVER.MAX_ITER", 10)
+    model = build_model(cfg)
+    opt = build_hiseg_optimizer(cfg, model)
+    mapper = MoCoTwoViewMapper(cfg, True)
+    batch = [mapper(d) for d in DatasetCatalog.get("skimage_natural_images")[:4]]
+    before = model.momentum_backbone.encoder.cls_token.clone()
+    losses = []
+    with EventStorage() as storage:
+        for it in range(4):
+            storage.iter = it
+            loss = model(batch)["loss_moco"]
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    assert len(set(round(l, 6) for l in losses)) > 1
+    assert not torch.equal(before, model.momentum_backbone.encoder.cls_token)
+    assert all(not p.requires_grad for p in model.momentum_backbone.parameters())
+    # the stem's first conv is frozen (MoCo-v3 --stop-grad-conv1)
+    assert model.backbone.encoder.stem.proj[0].weight.grad is None
+    model.eval()
+    img = batch[0]["view1"]
+    out = model.inference([{"image": img, "height": 80, "width": 96}])[0]
+    assert out["hierarchy"].shape == (5, 80, 96)
+
+
+def test_main_job_runs(shared_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, "tools/main_job.py", "--pictures", "2", "--bsds-images", "2", "--max-size", "160",
+         *[str(x) for x in SMALL], "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "4",
+         "OUTPUT_DIR", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "train iter 2/2" in out.stdout
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+    assert "| CAST (ours, main job) |" in out.stdout and "| SEEDS superpixels alone |" in out.stdout
