@@ -1,0 +1,26 @@
+"""Evaluation for the CAST and OAP projects.
+
+* :mod:`hiseg.evaluation.bsds_metrics`: BSDS500 boundary (ODS/OIS/AP) and region (covering,
+  PRI, VI) measures and the region F-score, in numpy/scipy only;
+* :class:`HierarchicalSegEvaluator` (:mod:`hiseg.evaluation.hierarchical_evaluator`): the
+  detectron2 evaluator for hierarchical segmentation on BSDS500-style datasets
+  (``evaluator_type="bsds_hierarchical"``).
+
+The evaluator is imported on first access, so ``hiseg.evaluation.bsds_metrics`` can be used
+without importing detectron2 and torch.
+"""
+import importlib
+
+__all__ = ["HierarchicalSegEvaluator"]
+
+_LAZY = {"HierarchicalSegEvaluator": ".hierarchical_evaluator"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
