@@ -1,0 +1,27 @@
+"""Pseudo-mask generators on ViT feature maps: Online Agglomerative Pooling (OAP paper, Sec. 4.2,
+Alg. 1) in a literal reference form and a fast batched PyTorch form, and the MaskCut baseline.
+
+Typical use::
+
+    from oap.pooling import OAPConfig, oap_fast, vit_key_features
+    feats = vit_key_features(vit, images)            # (B, D, h, w)
+    results = oap_fast(feats, OAPConfig())           # one PseudoMasks per image
+    layer = results[0].layers[-1]
+    masks = layer.instance.upsample(images.shape[-2:])
+
+See ``docs/oap_pooling.md``.
+"""
+from .fast import connected_components, grid_edges, oap_fast
+from .features import build_vit, flatten_normalized, vit_key_features
+from .generators import MaskCutGenerator, OAPGenerator, build_generator, generate_pseudo_masks
+from .maskcut import maskcut, normalized_cut
+from .reference import grid_adjacency, oap_reference
+from .types import MaskCutConfig, MaskLevel, OAPConfig, OAPLayer, PseudoMasks
+
+__all__ = [
+    "OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks",
+    "oap_fast", "oap_reference", "maskcut", "normalized_cut",
+    "connected_components", "grid_edges", "grid_adjacency",
+    "flatten_normalized", "vit_key_features", "build_vit",
+    "OAPGenerator", "MaskCutGenerator", "build_generator", "generate_pseudo_masks",
+]
