@@ -4,6 +4,7 @@ __all__ = ["add_all_configs"]
 
 def add_all_configs(cfg):
     import cast  # registers the CAST backbones, meta-architectures and mappers
+    import oap  # registers the ViT-Adapter backbone
 
     from .config import add_hiseg_config
     from .modeling import add_vit_config  # registers build_vit_backbone
@@ -11,4 +12,5 @@ def add_all_configs(cfg):
     add_hiseg_config(cfg)
     add_vit_config(cfg)
     cast.add_cast_config(cfg)
+    oap.add_vit_adapter_config(cfg)
     return cfg
