@@ -12,5 +12,6 @@ def add_all_configs(cfg):
     add_hiseg_config(cfg)
     add_vit_config(cfg)
     cast.add_cast_config(cfg)
+    cast.add_cast_semantic_config(cfg)
     oap.add_vit_adapter_config(cfg)
     return cfg

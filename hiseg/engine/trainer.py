@@ -49,12 +49,26 @@ def _bsds(cfg, name, out):
     return [HierarchicalSegEvaluator(name, output_dir=out)]
 
 
+def _sem_seg_boundary(cfg, name, out):
+    from ..evaluation.boundary_fscore import boundary_fscore_factory
+
+    return boundary_fscore_factory(cfg, name, out)
+
+
+def _sem_seg_retrieval(cfg, name, out):
+    from ..evaluation.segment_retrieval import segment_retrieval_factory
+
+    return segment_retrieval_factory(cfg, name, out)
+
+
 # evaluator_type -> factory(cfg, dataset_name, output_folder) -> list of evaluators.
 # Projects add their own (e.g. "classification").
 EVALUATOR_FACTORIES: Dict[str, Callable] = {
     "coco": _coco,
     "coco_panoptic_seg": _panoptic,
     "sem_seg": _sem_seg,
+    "sem_seg_boundary": _sem_seg_boundary,  # Table 3 boundary F-score
+    "sem_seg_retrieval": _sem_seg_retrieval,  # SegSort segment retrieval (Appx. E.5)
     "bsds_hierarchical": _bsds,
 }
 

@@ -4,16 +4,22 @@
   PRI, VI) measures and the region F-score, in numpy/scipy only;
 * :class:`HierarchicalSegEvaluator` (:mod:`hiseg.evaluation.hierarchical_evaluator`): the
   detectron2 evaluator for hierarchical segmentation on BSDS500-style datasets
-  (``evaluator_type="bsds_hierarchical"``).
+  (``evaluator_type="bsds_hierarchical"``);
+* :class:`BoundaryFScoreEvaluator`, :class:`SegmentRetrievalEvaluator`: CAST Table 3's boundary
+  F-score of semantic segmentation and the SegSort segment-retrieval protocol (Appx. E.5).
 
 The evaluator is imported on first access, so ``hiseg.evaluation.bsds_metrics`` can be used
 without importing detectron2 and torch.
 """
 import importlib
 
-__all__ = ["HierarchicalSegEvaluator"]
+__all__ = ["HierarchicalSegEvaluator", "BoundaryFScoreEvaluator", "SegmentRetrievalEvaluator"]
 
-_LAZY = {"HierarchicalSegEvaluator": ".hierarchical_evaluator"}
+_LAZY = {
+    "HierarchicalSegEvaluator": ".hierarchical_evaluator",
+    "BoundaryFScoreEvaluator": ".boundary_fscore",
+    "SegmentRetrievalEvaluator": ".segment_retrieval",
+}
 
 
 def __getattr__(name):

@@ -6,3 +6,5 @@ from .superpixels import SuperpixelConfig, compute_superpixels
 from .data_mapper import CASTDatasetMapper, batch_superpixels
 from .moco import CASTMoCo
 from .moco_mapper import MoCoTwoViewMapper
+from .semantic import CASTSemanticSegmentor
+from .semantic_config import add_cast_semantic_config
