@@ -245,6 +245,9 @@ def test_to_rgb_uint8_conversions():
     assert to_rgb_uint8(np.full((4, 5, 4), 9, np.uint8))[0, 0].tolist() == [9, 9, 9]
     assert to_rgb_uint8(np.full((2, 2), 65535, np.uint16)).max() == 255
     assert to_rgb_uint8(np.ones((2, 2, 3), np.float32)).max() == 255
+    assert to_rgb_uint8(np.array([[True, False]])).tolist() == [[[255] * 3, [0] * 3]]
+    assert to_rgb_uint8(np.full((2, 2), 65535, np.int32)).max() == 255  # PIL's 16-bit "I" mode
+    assert to_rgb_uint8(np.full((2, 2), 200, np.int32)).max() == 200
     with pytest.raises(ValueError, match="NaN"):
         to_rgb_uint8(np.full((2, 2), np.nan))
     with pytest.raises(ValueError, match="shape"):

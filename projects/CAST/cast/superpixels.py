@@ -62,7 +62,8 @@ def num_superpixels_for(height: int, width: int, cfg: SuperpixelConfig) -> int:
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Any image array (grey, grey+alpha, RGB, RGBA; uint8/uint16/float) as HxWx3 uint8 RGB.
 
-    16-bit images are scaled by 1/257; float images are taken as [0, 1] if their maximum is at
+    16-bit images (uint16, or int32 as PIL returns them) are scaled by 1/257, booleans to 0/255;
+    float images are taken as [0, 1] if their maximum is at
     most 1, else as [0, 255]. Alpha is dropped.
     """
     img = np.asarray(image)
@@ -78,14 +79,19 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         img = img[:, :, :3]
     if img.dtype == np.uint8:
         return np.ascontiguousarray(img)
-    if img.dtype == np.uint16:
-        return (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if img.dtype == bool:
+        return np.ascontiguousarray(img.astype(np.uint8) * 255)
     if np.issubdtype(img.dtype, np.floating):
         if not np.isfinite(img).all():
             raise ValueError("image contains NaN or infinite values")
         scale = 255.0 if img.max() <= 1.0 else 1.0
         return np.clip(img * scale, 0, 255).round().astype(np.uint8)
-    if np.issubdtype(img.dtype, np.integer) or img.dtype == bool:
+    if np.issubdtype(img.dtype, np.integer):
+        # uint16, or 16-bit data that PIL hands over as int32 ("I" / "I;16" modes)
+        top = int(img.max())
+        if top > 255:
+            div = 257.0 if top <= 65535 else top / 255.0
+            return np.clip(img.astype(np.float64) / div, 0, 255).round().astype(np.uint8)
         return np.clip(img, 0, 255).astype(np.uint8)
     raise ValueError(f"unsupported image dtype {img.dtype}")
 

@@ -169,12 +169,15 @@ class CASTEncoder(nn.Module):
                 out_cls = self.norm(cls)[:, 0]
             if not self.pooling:
                 continue
-            pooled = self.pools[g](cls, tokens, valid, counts[g])
-            logits.append(pooled.logits)
-            assignments.append(pooled.logits.argmax(-1))
-            n_per_level.append(pooled.valid.sum(1))
-            if g < len(self.depths) - 1:  # the last pooling is used for the read-out only
+            if g < len(self.depths) - 1:
+                pooled = self.pools[g](cls, tokens, valid, counts[g])
+                lg, valid_out = pooled.logits, pooled.valid
                 cls, tokens, valid = pooled.cls_token, pooled.tokens, pooled.valid
+            else:  # the last pooling is used for the read-out only: no new tokens needed
+                lg, _, valid_out = self.pools[g].assignment_logits(tokens, valid, counts[g])
+            logits.append(lg)
+            assignments.append(lg.argmax(-1))
+            n_per_level.append(valid_out.sum(1))
         num_segs = torch.stack(n_per_level, dim=1)
         self._report_short_levels(num_segs, counts)
         return {

@@ -89,22 +89,26 @@ class GraphPool(nn.Module):
             ok &= torch.arange(num, device=idx.device)[None] < valid.sum(1, keepdim=True)
         return idx, ok
 
-    def forward(self, cls_token: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
-                num_segments: int) -> GraphPoolOutput:
-        b, m, d = tokens.shape
+    def assignment_logits(self, tokens: torch.Tensor, valid: torch.Tensor, num_segments: int):
+        """Eq. 1: FPS centroids and ``kappa * cos(U_a, U_c)`` logits (invalid centroids at -inf).
+        Returns (logits (B, M, N), sampled indices (B, N), valid centroids (B, N))."""
         idx, valid_out = self.sample_centroids(tokens, valid, num_segments)
-        gather_idx = idx.unsqueeze(-1).expand(-1, -1, d)
-
         nodes = self.centroid_fc(tokens, valid)
-        centroids = nodes.gather(1, gather_idx)
+        centroids = nodes.gather(1, idx.unsqueeze(-1).expand(-1, -1, nodes.shape[-1]))
         logits = self.kappa * torch.einsum(
             "bmd,bnd->bmn", F.normalize(nodes, dim=-1), F.normalize(centroids, dim=-1))
-        logits = logits.masked_fill(~valid_out[:, None, :], float("-inf"))
+        return logits.masked_fill(~valid_out[:, None, :], float("-inf")), idx, valid_out
+
+    def forward(self, cls_token: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                num_segments: int) -> GraphPoolOutput:
+        d = tokens.shape[-1]
+        logits, idx, valid_out = self.assignment_logits(tokens, valid, num_segments)
         assign = logits.softmax(dim=-1) * valid.unsqueeze(-1).to(logits.dtype)
 
         z = self.fc1(torch.cat([cls_token, tokens], dim=1))
         z_cls, z_tok = z[:, :1], z[:, 1:]
         pooled = torch.einsum("bmn,bmc->bnc", assign, z_tok) / assign.sum(1).unsqueeze(-1).clamp(min=1e-6)
         y = self.fc2(torch.cat([z_cls, pooled], dim=1))
+        gather_idx = idx.unsqueeze(-1).expand(-1, -1, d)
         coarse = (y[:, 1:] + tokens.gather(1, gather_idx)) * valid_out.unsqueeze(-1).to(y.dtype)
         return GraphPoolOutput(cls_token + y[:, :1], coarse, valid_out, logits, idx)

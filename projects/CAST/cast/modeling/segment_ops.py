@@ -26,7 +26,7 @@ def count_segments(labels: torch.Tensor) -> torch.Tensor:
 def _bilinear_taps(out_size: int, in_size: int, device):
     """Source indices and weights of ``F.interpolate(mode='bilinear', align_corners=False)``."""
     scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
     w1 = src - i0.to(src.dtype)
@@ -56,8 +56,8 @@ def grid_to_segment_matrix(labels: torch.Tensor, num_segments: int, grid: Tuple[
         keep = seg >= 0
         idx = (torch.arange(b, device=dev)[:, None] * num_segments + seg.clamp(min=0)) * (h * w) \
             + torch.arange(h * w, device=dev)[None]
-        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float64, device=dev)
-        mat.index_add_(0, idx[keep], torch.ones_like(idx[keep], dtype=torch.float64))
+        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float32, device=dev)
+        mat.index_add_(0, idx[keep], torch.ones_like(idx[keep], dtype=torch.float32))
     elif mode == "bilinear":
         y0, y1, wy0, wy1 = _bilinear_taps(height, h, dev)
         x0, x1, wx0, wx1 = _bilinear_taps(width, w, dev)
@@ -65,7 +65,7 @@ def grid_to_segment_matrix(labels: torch.Tensor, num_segments: int, grid: Tuple[
         base = (torch.arange(b, device=dev)[:, None, None] * num_segments + labels.clamp(min=0)) * (h * w)
         base = base[keep]
         yy, xx = keep.nonzero(as_tuple=True)[1:]
-        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float64, device=dev)
+        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float32, device=dev)
         for ys, wy in ((y0, wy0), (y1, wy1)):
             for xs, wx in ((x0, wx0), (x1, wx1)):
                 mat.index_add_(0, base + ys[yy] * w + xs[xx], wy[yy] * wx[xx])
@@ -75,7 +75,7 @@ def grid_to_segment_matrix(labels: torch.Tensor, num_segments: int, grid: Tuple[
     mass = mat.sum(-1, keepdim=True)
     valid = mass[..., 0] > 0  # bilinear: mass = pixel count; nearest: grid cells it keeps
     mat = mat / mass.clamp(min=1e-12)
-    return mat.to(torch.float32), valid
+    return mat, valid
 
 
 def segment_to_grid_matrix(labels: torch.Tensor, num_segments: int, stride: int) -> torch.Tensor:

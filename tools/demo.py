@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""CAST hierarchical segmentation of any images (Fig. 5 style pictures).
+
+    python tools/demo.py --input photo.jpg 'dir/*.png' [--skimage astronaut coffee chelsea]
+        [--config-file configs/CAST/Base-CAST-S.yaml] [--output output/demo] [--save-labels]
+        [--max-size 640] [--device cpu|cuda] [--color mean|palette] [--opts KEY VALUE ...]
+
+Per image it writes ``<name>_hierarchy.png``: the input, the superpixels (level 0) and each level's
+segments (mean colour, with boundaries), titled with the number of segments. ``--save-labels``
+also writes ``<name>_level<l>.png`` (16-bit, label + 1; 0 = none) and ``<name>_levels.npz``
+(``levels`` (L+1, H, W) int32, ``num_segments``, ``image``).
+
+The model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEIGHTS`` into the encoder
+when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint). Without weights
+the model is randomly initialised: its hierarchy then only reflects superpixel colours and
+positions. Images are read with OpenCV (PIL as fall-back), converted to RGB uint8 (grey, alpha,
+16-bit, float) and downscaled to ``--max-size`` on their long side. A file that cannot be read or
+processed is reported with its name; the others still run, and the exit status is 1.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+import numpy as np  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+
+logger = logging.getLogger("cast.demo")
+
+
+class InputError(Exception):
+    """An input that cannot be used; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+def expand_inputs(patterns):
+    """[(display name, path)] for files, directories (their image files) and glob patterns, plus
+    a list of (pattern, error message) for patterns that give nothing."""
+    items, errors = [], []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            found = sorted(p for p in glob.glob(os.path.join(pat, "*")) if p.lower().endswith(IMAGE_EXTS))
+            if not found:
+                errors.append((pat, f"{pat}: directory has no image files ({', '.join(IMAGE_EXTS)})"))
+            items += [(p, p) for p in found]
+        elif glob.has_magic(pat):
+            found = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+            if not found:
+                errors.append((pat, f"{pat}: no file matches this pattern"))
+            items += [(p, p) for p in found]
+        else:
+            items.append((pat, pat))  # existence is checked when read, with a clear message
+    return items, errors
+
+
+def read_image(path: str) -> np.ndarray:
+    """The file's pixels as an array (any channels / depth), RGB(A) channel order."""
+    import cv2
+
+    if not os.path.exists(path):
+        raise InputError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file, not an image")
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is not None and img.size:
+        if img.ndim == 3 and img.shape[2] == 3:
+            img = img[:, :, ::-1]
+        elif img.ndim == 3 and img.shape[2] == 4:
+            img = img[:, :, [2, 1, 0, 3]]
+        return img
+    try:  # formats OpenCV lacks (some GIF / TIFF variants)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(im).astype(np.uint16)
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            return np.asarray(im)
+    except Exception as e:  # noqa: BLE001  (any decoder failure means "not an image")
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def skimage_image(name: str) -> np.ndarray:
+    """An image shipped with scikit-image (``skimage.data.<name>()``)."""
+    import skimage.data
+
+    fn = getattr(skimage.data, name, None)
+    if name.startswith("_") or not callable(fn):
+        raise InputError(f"skimage:{name}: no such image in skimage.data")
+    try:
+        img = fn()
+    except Exception as e:  # noqa: BLE001  (e.g. needs a download)
+        raise InputError(f"skimage:{name}: could not load ({type(e).__name__}: {e})") from None
+    return np.asarray(img)
+
+
+def prepare_image(img: np.ndarray, max_size: int, name: str) -> np.ndarray:
+    """RGB uint8, long side at most ``max_size`` (area interpolation)."""
+    import cv2
+    from cast.superpixels import to_rgb_uint8
+
+    arr = np.asarray(img)
+    if arr.dtype == bool:  # binary masks: 0/255, not 0/1
+        arr = arr.astype(np.uint8) * 255
+    try:
+        rgb = to_rgb_uint8(arr)
+    except ValueError as e:
+        raise InputError(f"{name}: {e}") from None
+    h, w = rgb.shape[:2]
+    if max_size > 0 and max(h, w) > max_size:
+        s = max_size / max(h, w)
+        nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+        rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+def setup_cfg(config_file: str, opts):
+    from detectron2.config import get_cfg
+    from hiseg.setup import add_all_configs
+
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    if not os.path.isfile(config_file):
+        raise SystemExit(f"config file not found: {config_file}")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    cfg.freeze()
+    return cfg
+
+
+def _encoder_state_dict(state):
+    """Keys of a full model / backbone / MoCo checkpoint mapped to the encoder's names: anything
+    up to and including the first ``encoder.`` is dropped (``backbone.encoder.``,
+    ``backbone.bottom_up.encoder.``, ``module.base_encoder.``); other keys are kept."""
+    out = {}
+    for k, v in state.items():
+        i = k.find("encoder.")
+        out[k[i + len("encoder."):] if i >= 0 else k] = v
+    return out
+
+
+def load_encoder_weights(encoder, weights: str):
+    """Load ``weights`` into the encoder via DetectionCheckpointer; returns (matched, total)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class _EncoderCheckpointer(DetectionCheckpointer):
+        matched = 0
+
+        def _load_model(self, checkpoint):
+            state = checkpoint["model"]
+            if isinstance(state.get("state_dict"), dict):  # e.g. MoCo / DeiT training checkpoints
+                state = state["state_dict"]
+            checkpoint["model"] = _encoder_state_dict(state)
+            own = self.model.state_dict()
+            _EncoderCheckpointer.matched = sum(
+                1 for k, v in checkpoint["model"].items()
+                if k in own and tuple(getattr(v, "shape", ())) == tuple(own[k].shape))
+            return super()._load_model(checkpoint)
+
+    if "://" not in weights and not os.path.isfile(weights):
+        raise SystemExit(f"MODEL.WEIGHTS {weights}: file not found")
+    ckpt = _EncoderCheckpointer(encoder)
+    ckpt.load(weights, checkpointables=[])
+    total = len(encoder.state_dict())
+    if _EncoderCheckpointer.matched == 0:
+        raise SystemExit(f"MODEL.WEIGHTS {weights}: no tensor matches the CAST encoder "
+                         f"(expected keys like 'blocks.0.attn.qkv.weight', optionally under '...encoder.')")
+    return _EncoderCheckpointer.matched, total
+
+
+def build_model(cfg, device: str):
+    """The CAST backbone (random init or ``MODEL.WEIGHTS`` in its encoder), eval mode."""
+    import torch
+    from cast.modeling.backbone import build_cast_backbone
+
+    backbone = build_cast_backbone(cfg)
+    if cfg.MODEL.WEIGHTS:
+        matched, total = load_encoder_weights(backbone.encoder, cfg.MODEL.WEIGHTS)
+        print(f"loaded {matched}/{total} encoder tensors from {cfg.MODEL.WEIGHTS}")
+        if matched < total:
+            print(f"WARNING: {total - matched} encoder tensors were not in the checkpoint and keep their "
+                  "random initialisation (see the checkpointer's log above for their names)")
+    else:
+        print("WARNING: MODEL.WEIGHTS is empty: the CAST encoder is randomly initialised, so its "
+              "hierarchy only reflects the superpixels' colours and positions, not learned semantics.")
+    return backbone.to(torch.device(device)).eval()
+
+
+def superpixels_for(backbone, rgb: np.ndarray) -> np.ndarray:
+    from cast.superpixels import compute_superpixels, patch_superpixels
+
+    if backbone.tokens == "patch":
+        return patch_superpixels(rgb.shape[0], rgb.shape[1], backbone.patch_size)
+    return compute_superpixels(rgb, backbone.superpixel_cfg)
+
+
+def run_hierarchy(backbone, rgb: np.ndarray, device: str):
+    """(levels (L+1, H, W) int64 numpy, num_segments per level, asked counts per level 1..L)."""
+    import torch
+
+    sp = superpixels_for(backbone, rgb)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None]
+    if backbone.input_format == "BGR":
+        x = x.flip(1)
+    x = x.to(device)
+    x = (x - backbone.pixel_mean) / backbone.pixel_std
+    asked = backbone.test_num_segments or backbone.encoder.num_segments
+    with torch.no_grad():
+        out = backbone.encoder(x, torch.from_numpy(sp)[None].to(device), num_segments=asked)
+    levels = out["hierarchy"][0].cpu().numpy()
+    return levels, out["num_segments"][0].cpu().tolist(), list(asked)
+
+
+# ------------------------------------------------------------------------------------------------
+def unique_stem(name: str, used: set) -> str:
+    base = os.path.splitext(os.path.basename(name.rstrip("/")))[0] or "image"
+    base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)
+    stem, i = base, 1
+    while stem in used:
+        stem = f"{base}_{i}"
+        i += 1
+    used.add(stem)
+    return stem
+
+
+def process(backbone, name, img, args, stem):
+    from cast.visualize import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
+
+    t0 = time.perf_counter()
+    rgb = prepare_image(img, args.max_size, name)
+    levels, _, asked = run_hierarchy(backbone, rgb, args.device)
+    present = [count_segments(l) for l in levels]
+    panels = hierarchy_panels(rgb, list(levels), mode=args.color, asked=asked)
+    out_png = save_panel_grid(os.path.join(args.output, f"{stem}_hierarchy.png"), panels,
+                              ncols=args.columns, suptitle=os.path.basename(name))
+    written = [out_png]
+    if args.save_labels:
+        written += save_label_maps(os.path.join(args.output, stem), list(levels), image=rgb,
+                                   extra={"asked": np.array(asked, np.int64)})
+    lv = (f"levels {' / '.join(str(n) for n in present[1:])} segments" if len(present) > 1
+          else "no pooled levels (MODEL.CAST.POOLING is off)")
+    msg = (f"{name}: {rgb.shape[1]}x{rgb.shape[0]}, {present[0]} superpixels, {lv} "
+           f"({time.perf_counter() - t0:.2f}s) -> {out_png}")
+    print(msg)
+    short = [(l + 1, present[l + 1], asked[l]) for l in range(min(len(asked), len(present) - 1))
+             if present[l + 1] < asked[l]]
+    if short:
+        print(f"  note: {name} gives only {present[0]} superpixels, so "
+              + ", ".join(f"level {l} keeps {n} segments (asked {a})" for l, n, a in short))
+    return written
+
+
+def get_parser():
+    ap = argparse.ArgumentParser(description="CAST hierarchical segmentation pictures (Fig. 5 style).",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    ap.add_argument("--input", nargs="+", default=[], help="image files, directories or glob patterns")
+    ap.add_argument("--skimage", nargs="+", default=[], metavar="NAME",
+                    help="images shipped with scikit-image, e.g. astronaut coffee chelsea rocket")
+    ap.add_argument("--output", default=os.path.join("output", "demo"), help="output folder")
+    ap.add_argument("--save-labels", action="store_true",
+                    help="also write each level's label map (16-bit PNG) and an NPZ with all levels")
+    ap.add_argument("--max-size", type=int, default=640,
+                    help="downscale images to this long side for the model and the pictures (0 = never)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    ap.add_argument("--color", choices=("mean", "palette"), default="mean",
+                    help="fill segments with their mean colour or a palette colour")
+    ap.add_argument("--columns", type=int, default=3, help="panels per row")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (no weights)")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                    help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    if not args.input and not args.skimage:
+        get_parser().error("give images with --input and/or --skimage")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    torch.manual_seed(args.seed)
+    cfg = setup_cfg(args.config_file, args.opts)
+    backbone = build_model(cfg, args.device)
+    os.makedirs(args.output, exist_ok=True)
+
+    failures = []
+    items, errors = expand_inputs(args.input)
+    for pat, msg in errors:
+        print(f"ERROR: {msg}", file=sys.stderr)
+        failures.append(pat)
+    jobs = [(name, ("file", path)) for name, path in items] + \
+           [(f"skimage:{n}", ("skimage", n)) for n in args.skimage]
+    used, done = set(), 0
+    for name, (kind, src) in jobs:
+        stem = unique_stem(("skimage_" + src) if kind == "skimage" else src, used)
+        try:
+            img = read_image(src) if kind == "file" else skimage_image(src)
+            process(backbone, name, img, args, stem)
+            done += 1
+        except InputError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            failures.append(name)
+        except Exception as e:  # noqa: BLE001  (report, go on with the other images)
+            logger.debug("failure on %s", name, exc_info=True)
+            print(f"ERROR: {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            failures.append(name)
+    print(f"{done} image(s) written to {args.output}" + (f"; {len(failures)} failed: {', '.join(failures)}"
+                                                          if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
