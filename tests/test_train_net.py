@@ -37,9 +37,35 @@ def _has_key(d, key):
     return isinstance(d, dict) and (key in d or any(_has_key(v, key) for v in d.values()))
 
 
-def run(args, env, **kw):
-    return subprocess.Popen([sys.executable, "tools/train_net.py", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+class _Run:
+    """A train_net.py process whose output goes to a file (a pipe that nobody reads would fill
+    up and block the process while it dumps its config)."""
+
+    def __init__(self, args, env, log_path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "tools/train_net.py", *args], cwd=REPO, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        return self.finish()
+
+    def finish(self, timeout=None):
+        self.proc.wait(timeout=timeout)
+        self._log.close()
+        return Path(self.log_path).read_text()
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+
+def run(args, env, log_path):
+    return _Run(args, env, log_path)
 
 
 def test_help():
@@ -62,15 +88,14 @@ def test_train_kill_resume_evaluate(coco4, tmp_path):
     cfg = ["--config-file", CONFIG]
     common = cfg + ["OUTPUT_DIR", str(out_dir)] + SMALL
     # 1. a long run, killed (SIGKILL) once the first checkpoint exists
-    proc = run(common + ["SOLVER.MAX_ITER", "200"], env)
+    proc = run(common + ["SOLVER.MAX_ITER", "200"], env, tmp_path / "run1.log")
     last = out_dir / "last_checkpoint"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert last.exists(), proc.communicate()[0][-3000:]
     time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = proc.kill()
+    assert last.exists(), log[-3000:]
     name = last.read_text().strip()
     ckpt = torch.load(out_dir / name, map_location="cpu", weights_only=True)
     done = ckpt["iteration"]
@@ -81,8 +106,8 @@ def test_train_kill_resume_evaluate(coco4, tmp_path):
     assert not list(out_dir.glob(".tmp-*")) or all(p.name != name for p in out_dir.glob(".tmp-*"))
 
     # 2. --resume continues from the iteration after the checkpoint, up to MAX_ITER
-    proc = run(cfg + ["--resume"] + common[2:] + ["SOLVER.MAX_ITER", str(done + 3)], env)
-    log = proc.communicate(timeout=600)[0]
+    proc = run(cfg + ["--resume"] + common[2:] + ["SOLVER.MAX_ITER", str(done + 3)], env, tmp_path / "run2.log")
+    log = proc.finish(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert f"Starting training from iteration {done + 1}" in log
     final = torch.load(out_dir / "model_final.pth", map_location="cpu", weights_only=True)
@@ -92,8 +117,9 @@ def test_train_kill_resume_evaluate(coco4, tmp_path):
 
     # 3. --eval-only with the COCO evaluator (pure-Python path when detectron2._C is absent)
     proc = run(cfg + ["--eval-only"] + common[2:] + ["MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
-                                                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"], env)
-    log = proc.communicate(timeout=600)[0]
+                                                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"], env,
+               tmp_path / "run3.log")
+    log = proc.finish(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     assert "Evaluation results for coco_2017_val" in log
     assert "copypaste: Task: bbox" in log and "copypaste: Task: segm" in log

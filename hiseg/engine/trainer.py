@@ -49,6 +49,12 @@ def _bsds(cfg, name, out):
     return [HierarchicalSegEvaluator(name, output_dir=out)]
 
 
+def _classification(cfg, name, out):
+    from ..evaluation.classification import ClassificationEvaluator
+
+    return [ClassificationEvaluator(name, distributed=True, output_dir=out)]
+
+
 def _sem_seg_boundary(cfg, name, out):
     from ..evaluation.boundary_fscore import boundary_fscore_factory
 
@@ -70,6 +76,7 @@ EVALUATOR_FACTORIES: Dict[str, Callable] = {
     "sem_seg_boundary": _sem_seg_boundary,  # Table 3 boundary F-score
     "sem_seg_retrieval": _sem_seg_retrieval,  # SegSort segment retrieval (Appx. E.5)
     "bsds_hierarchical": _bsds,
+    "classification": _classification,  # top-1 / top-5
 }
 
 

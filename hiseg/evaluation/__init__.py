@@ -13,12 +13,14 @@ without importing detectron2 and torch.
 """
 import importlib
 
-__all__ = ["HierarchicalSegEvaluator", "BoundaryFScoreEvaluator", "SegmentRetrievalEvaluator"]
+__all__ = ["HierarchicalSegEvaluator", "BoundaryFScoreEvaluator", "SegmentRetrievalEvaluator",
+           "ClassificationEvaluator"]
 
 _LAZY = {
     "HierarchicalSegEvaluator": ".hierarchical_evaluator",
     "BoundaryFScoreEvaluator": ".boundary_fscore",
     "SegmentRetrievalEvaluator": ".segment_retrieval",
+    "ClassificationEvaluator": ".classification",
 }
 
 

@@ -8,3 +8,5 @@ from .moco import CASTMoCo
 from .moco_mapper import MoCoTwoViewMapper
 from .semantic import CASTSemanticSegmentor
 from .semantic_config import add_cast_semantic_config
+from .classification import CASTClassifier, CASTLinearProbe
+from .cls_mapper import CASTClassificationMapper
