@@ -28,15 +28,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from hiseg.image_io import InputError, check_image_file  # noqa: E402
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
 logger = logging.getLogger("cast.demo")
-
-
-class InputError(Exception):
-    """An input that cannot be used; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,12 +63,7 @@ def read_image(path: str) -> np.ndarray:
     """The file's pixels as an array (any channels / depth), RGB(A) channel order."""
     import cv2
 
-    if not os.path.exists(path):
-        raise InputError(f"{path}: file not found")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: empty file, not an image")
+    check_image_file(path)
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is not None and img.size:
         if img.ndim == 3 and img.shape[2] == 3:

@@ -61,6 +61,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hiseg.image_io import InputError, check_image_file  # noqa: E402
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: --arch presets: embed dim, depth, heads (DINO's ViT-S and ViT-B)
 ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
@@ -79,10 +81,6 @@ def random_init_warning(what: str, fix: str) -> str:
 
 class UsageError(Exception):
     """Bad arguments or inputs; reported as ``error: ...`` with exit status 2."""
-
-
-class InputError(Exception):
-    """One image that cannot be used; the message names it. The other images still run."""
 
 
 def warn(msg: str) -> None:
@@ -186,12 +184,7 @@ def read_rgb(path: str) -> np.ndarray:
     """HxWx3 uint8 RGB (EXIF orientation applied, grey / alpha / palette converted)."""
     from detectron2.data.detection_utils import read_image
 
-    if not os.path.exists(path):
-        raise InputError(f"{path}: file not found")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not a regular file")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: empty file, not an image")
+    check_image_file(path)
     try:
         img = read_image(path, format="RGB")
     except Exception as e:  # PIL's UnidentifiedImageError, OSError on truncated files, ...

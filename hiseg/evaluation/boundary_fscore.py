@@ -25,7 +25,6 @@ input's ``"sem_seg"`` tensor (resized to the prediction, nearest, when sizes dif
 
 Per-image counts are computed in :meth:`process` and gathered with ``comm.gather``.
 """
-import itertools
 import json
 import logging
 import os
@@ -34,10 +33,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 from scipy import ndimage
 
 from . import bsds_metrics as M
+from .distributed import gather_records
 
 __all__ = ["BoundaryFScoreEvaluator", "semantic_boundary_counts", "fill_ignored", "SemSegGroundTruth",
            "boundary_fscore_factory"]
@@ -178,13 +177,9 @@ class BoundaryFScoreEvaluator(DatasetEvaluator):
             self._records.append({"file_name": str(name), "counts": [int(c) for c in counts]})
 
     def evaluate(self):
-        records = self._records
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(records, dst=0)
-            if not comm.is_main_process():
-                return {}
-            records = list(itertools.chain(*gathered))
+        records = gather_records(self._records, self._distributed)
+        if records is None:  # not the main process
+            return {}
         if not records:
             logger.warning("BoundaryFScoreEvaluator received no predictions")
             return {}

@@ -23,7 +23,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
+
+from .distributed import gather_records
 
 __all__ = ["ClassificationEvaluator", "topk_indices", "build_classification_evaluators"]
 
@@ -97,14 +98,9 @@ class ClassificationEvaluator(DatasetEvaluator):
             })
 
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._records, dst=0)
-            if not comm.is_main_process():
-                return {}
-            records = [r for part in gathered for r in part]
-        else:
-            records = self._records
+        records = gather_records(self._records, self._distributed)
+        if records is None:  # not the main process
+            return {}
         if not records:
             logger.warning("[ClassificationEvaluator] did not receive valid predictions.")
             return {}

@@ -29,9 +29,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from . import bsds_metrics as M
+from .distributed import gather_records
 
 __all__ = ["HierarchicalSegEvaluator", "hierarchy_as_arrays", "resize_nearest"]
 
@@ -216,14 +216,9 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
 
     # -- dataset -----------------------------------------------------------------------------
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._records, dst=0)
-            if not comm.is_main_process():
-                return {}
-            records = [r for part in gathered for r in part]
-        else:
-            records = self._records
+        records = gather_records(self._records, self._distributed)
+        if records is None:  # not the main process
+            return {}
         if not records:
             logger.warning("[HierarchicalSegEvaluator] did not receive valid predictions.")
             return {}

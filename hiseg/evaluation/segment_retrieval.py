@@ -28,7 +28,6 @@ Ground truth is read as in :mod:`hiseg.evaluation.boundary_fscore` (the dataset'
 map at another size is resized to it (nearest). Per-image summaries (segment features as
 float16, labels and per-segment label histograms) are gathered with ``comm.gather``.
 """
-import itertools
 import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
@@ -36,9 +35,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
 from .boundary_fscore import SemSegGroundTruth, _to_numpy, resize_labels_nearest
+from .distributed import gather_records
 
 __all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference", "segment_retrieval_factory"]
 
@@ -162,18 +161,10 @@ class SegmentRetrievalEvaluator(DatasetEvaluator):
         self._reference = []
 
     # -- evaluation ------------------------------------------------------------------------
-    def _gather(self, records):
-        if not self._distributed:
-            return records, True
-        gathered = comm.gather(records, dst=0)
-        return list(itertools.chain(*gathered)), comm.is_main_process()
-
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-        queries, main = self._gather(self._queries)
-        reference, _ = self._gather(self._reference)
-        if not main:
+        queries = gather_records(self._queries, self._distributed)
+        reference = gather_records(self._reference, self._distributed)
+        if queries is None:  # not the main process
             return {}
         if not queries:
             logger.warning("SegmentRetrievalEvaluator received no predictions")
