@@ -21,17 +21,12 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from hiseg.data.datasets.common import atomic_save_png  # noqa: E402
+from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
 
 
 def shift_labels(label: np.ndarray) -> np.ndarray:
     """0 -> 255 and k -> k - 1 for k in 1..150 (uint8)."""
-    label = np.asarray(label)
-    if label.size and int(label.max()) > 150:
-        raise ValueError(f"label {int(label.max())} > 150: not a SceneParsing-150 label map")
-    out = label.astype(np.int16) - 1
-    out[label == 0] = 255
-    return out.astype(np.uint8)
+    return reduce_zero_label(label, 150, "SceneParsing-150")
 
 
 def parse_args(argv=None):

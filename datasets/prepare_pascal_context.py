@@ -23,17 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from hiseg.data.datasets.common import atomic_save_png  # noqa: E402
+from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
 
 
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+def pc59_labels(label: np.ndarray) -> np.ndarray:
     """0 -> 255 and k -> k - 1 for k in 1..59 (uint8)."""
-    label = np.asarray(label)
-    if label.size and int(label.max()) > 59:
-        raise ValueError(f"label {int(label.max())} > 59: not a PC-59 label map")
-    out = label.astype(np.int16) - 1
-    out[label == 0] = 255
-    return out.astype(np.uint8)
+    return reduce_zero_label(label, 59, "PC-59")
 
 
 def parse_args(argv=None):
@@ -64,7 +59,7 @@ def main(argv=None):
             if os.path.isfile(out) and not args.overwrite:
                 continue
             label = np.asarray(Image.open(os.path.join(src, image_id + ".png")))
-            atomic_save_png(out, reduce_zero_label(label))
+            atomic_save_png(out, pc59_labels(label))
         written[split] = len(ids)
         print(f"{split}: {len(ids)} label maps in {out_dir}")
     return written

@@ -1,6 +1,6 @@
 """A DetectionCheckpointer that never leaves a broken checkpoint behind.
 
-fvcore writes ``model_XXXX.pth`` and then ``last_checkpoint`` in place: a run killed while
+fvcore writes ``model_<iteration>.pth`` and then ``last_checkpoint`` in place: a run killed while
 writing leaves a truncated file that ``--resume`` then fails to load. Here both are written to a
 temporary file in the same folder, flushed to disk, and moved into place with ``os.replace``
 (atomic on POSIX), so ``last_checkpoint`` always names a complete file.

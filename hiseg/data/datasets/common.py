@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = [
@@ -175,7 +176,6 @@ def atomic_write_json(path, obj) -> None:
 
 def atomic_save_png(path, array) -> None:
     """Save a 2-D uint8 label map as an 8-bit grayscale PNG (mode ``L``)."""
-    import numpy as np
     from PIL import Image
 
     array = np.asarray(array)
@@ -184,3 +184,15 @@ def atomic_save_png(path, array) -> None:
     image = Image.fromarray(array)  # 2-D uint8 -> mode "L"
     with atomic_write(path, "wb") as f:
         image.save(f, format="PNG")
+
+
+def reduce_zero_label(label, num_classes: int, what: str):
+    """Label maps whose 0 means "unlabelled": 0 -> 255 and k -> k - 1 for k in 1..num_classes
+    (uint8), as mmsegmentation's ``reduce_zero_label``; larger labels are an error naming
+    ``what``."""
+    label = np.asarray(label)
+    if label.size and int(label.max()) > num_classes:
+        raise ValueError(f"label {int(label.max())} > {num_classes}: not a {what} label map")
+    out = label.astype(np.int16) - 1
+    out[label == 0] = 255
+    return out.astype(np.uint8)
