@@ -93,3 +93,5 @@ def test_main_job_runs(shared_data, tmp_path):
     assert "train iter 2/2" in out.stdout
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
     assert "| CAST (ours, main job) |" in out.stdout and "| SEEDS superpixels alone |" in out.stdout
+    assert "| ViT + K-means (Appx. D.4) |" in out.stdout
+    assert (tmp_path / "model_final.pth").exists() and (tmp_path / "vit" / "model_final.pth").exists()

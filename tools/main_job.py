@@ -4,9 +4,12 @@
 1. pre-train a small CAST with MoCo-v3 (``configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml``)
    on the natural images that ship with scikit-image, printing progress;
 2. draw its segmentation hierarchy for each of those images (``<output>/pictures/*.png``);
-3. where BSDS500 is available (``$DETECTRON2_DATASETS/bsds500`` or the shared real data), score
-   the hierarchies on BSDS500 val with the hierarchical evaluator, side by side with the SEEDS
-   superpixels alone, and print the table (also written to ``<output>/bsds500_val.md``).
+3. pre-train the ViT baseline of the same width and depth the same way
+   (``configs/CAST/quick/moco_vit_tiny_skimage_cpu.yaml``; its hierarchy is the nested K-means
+   of its tokens, Appx. D.4);
+4. where BSDS500 is available (``$DETECTRON2_DATASETS/bsds500`` or the shared real data), score
+   CAST, ViT + K-means and the SEEDS superpixels alone on BSDS500 val with the same
+   hierarchical evaluator in one pass, and print the table (also in ``<output>/bsds500_val.md``).
 """
 import argparse
 import logging
@@ -29,6 +32,7 @@ from hiseg.engine import HisegTrainer  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 
 DEFAULT_CONFIG = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
+DEFAULT_VIT_CONFIG = "configs/CAST/quick/moco_vit_tiny_skimage_cpu.yaml"
 
 
 class _Progress(HookBase):
@@ -95,22 +99,25 @@ def bsds_dataset():
     return None, None
 
 
-def bsds_table(model, name, dicts, num_images, max_size, out_dir):
+def bsds_table(model, vit_model, name, dicts, num_images, max_size, out_dir):
     from hiseg.evaluation import HierarchicalSegEvaluator
 
     dicts = dicts[:num_images] if num_images > 0 else dicts
-    methods = {"CAST (ours, main job)": HierarchicalSegEvaluator(name, distributed=False),
-               "SEEDS superpixels alone": HierarchicalSegEvaluator(name, distributed=False)}
+    rows = ["CAST (ours, main job)"] + (["ViT + K-means (Appx. D.4)"] if vit_model is not None else []) \
+        + ["SEEDS superpixels alone"]
+    methods = {k: HierarchicalSegEvaluator(name, distributed=False) for k in rows}
     for ev in methods.values():
         ev.reset()
     for i, d in enumerate(dicts):
         img, inp = prepare_input(model, d["file_name"], max_size)
-        with torch.no_grad():
-            out = model.inference([inp])[0]
         h, w = d["height"], d["width"]
-        full = torch.nn.functional.interpolate(out["hierarchy"][None].float(), size=(h, w), mode="nearest")[0].long()
-        methods["CAST (ours, main job)"].process([d], [{"hierarchy": full}])
-        methods["SEEDS superpixels alone"].process([d], [{"hierarchy": full[:1]}])
+        with torch.no_grad():
+            full = model.inference([dict(inp, height=h, width=w)])[0]["hierarchy"]
+            methods["CAST (ours, main job)"].process([d], [{"hierarchy": full}])
+            methods["SEEDS superpixels alone"].process([d], [{"hierarchy": full[:1]}])
+            if vit_model is not None:
+                vit_h = vit_model.inference([dict(inp, height=h, width=w)])[0]["hierarchy"]
+                methods["ViT + K-means (Appx. D.4)"].process([d], [{"hierarchy": vit_h}])
         print(f"[main job] BSDS500 {name}: image {i + 1}/{len(dicts)}", flush=True)
     rows = {k: ev.evaluate()["bsds"] for k, ev in methods.items()}
     keys = [k for k in ("ODS", "OIS", "AP", "Covering_ODS", "PRI_ODS", "VI_ODS", "RegionF@64", "RegionF@32",
@@ -125,9 +132,33 @@ def bsds_table(model, name, dicts, num_images, max_size, out_dir):
     return text
 
 
+def train(config_file, opts, output_dir=None):
+    """Pre-train one model with the trainer; returns it in eval mode (``.output_dir`` set)."""
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    if output_dir:
+        cfg.OUTPUT_DIR = output_dir
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    backbone = cfg.MODEL.BACKBONE.NAME
+    print(f"[main job] training {cfg.MODEL.META_ARCHITECTURE} ({backbone}) on {cfg.DATASETS.TRAIN} for "
+          f"{cfg.SOLVER.MAX_ITER} iterations (output {cfg.OUTPUT_DIR})", flush=True)
+    trainer = HisegTrainer(cfg)
+    trainer.register_hooks([_Progress(cfg.SOLVER.MAX_ITER)])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    model = trainer.model.eval()
+    model.output_dir = cfg.OUTPUT_DIR
+    return model
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", default=DEFAULT_CONFIG)
+    ap.add_argument("--vit-config", default=DEFAULT_VIT_CONFIG,
+                    help="config of the ViT + K-means baseline ('' to skip it)")
     ap.add_argument("--max-size", type=int, default=320, help="long side of images for pictures / BSDS")
     ap.add_argument("--bsds-images", type=int, default=20, help="BSDS500 val images to score (0 = all)")
     ap.add_argument("--pictures", type=int, default=0, help="number of pictures to draw (0 = all 16)")
@@ -141,27 +172,16 @@ def main(argv=None):
     np.random.seed(0)
     t0 = time.time()
 
-    cfg = get_cfg()
-    add_all_configs(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    print(f"[main job] training {cfg.MODEL.META_ARCHITECTURE} on {cfg.DATASETS.TRAIN} for "
-          f"{cfg.SOLVER.MAX_ITER} iterations (output {cfg.OUTPUT_DIR})", flush=True)
-    trainer = HisegTrainer(cfg)
-    trainer.register_hooks([_Progress(cfg.SOLVER.MAX_ITER)])
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    model = trainer.model.eval()
-
-    draw_pictures(model, os.path.join(cfg.OUTPUT_DIR, "pictures"), args.max_size, args.pictures)
+    model = train(args.config_file, args.opts)
+    out_dir = model.output_dir
+    vit_model = train(args.vit_config, args.opts, os.path.join(out_dir, "vit")) if args.vit_config else None
+    draw_pictures(model, os.path.join(out_dir, "pictures"), args.max_size, args.pictures)
     name, dicts = bsds_dataset()
     if dicts:
-        print(bsds_table(model, name, dicts, args.bsds_images, args.max_size, cfg.OUTPUT_DIR), flush=True)
+        print(bsds_table(model, vit_model, name, dicts, args.bsds_images, args.max_size, out_dir), flush=True)
     else:
         print("[main job] BSDS500 not found (set DETECTRON2_DATASETS or HISEG_SHARED_DATA): table skipped")
-    print(f"[main job] done in {time.time() - t0:.0f}s; outputs in {cfg.OUTPUT_DIR}", flush=True)
+    print(f"[main job] done in {time.time() - t0:.0f}s; outputs in {out_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ encoder + projector updated with m following a cosine schedule from ``MODEL.MOCO
 (0.99) to 1. Loss: symmetric InfoNCE with temperature 0.2 over keys gathered from all GPUs,
 scaled by 2T as MoCo-v3. At test time it returns the segmentation hierarchy of each image
 (resized back to the input's height x width), which the hierarchical evaluator scores.
+
+The same meta-architecture pre-trains the ViT baseline (``MODEL.BACKBONE.NAME:
+build_vit_backbone``): its class token feeds the projector, and its hierarchy at test time is
+the nested K-means of its output tokens (Appx. D.4) with CAST's segment counts.
 """
 import copy
 import math
@@ -54,10 +58,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 class CASTMoCo(nn.Module):
     @configurable
     def __init__(self, *, backbone, dim=256, mlp_dim=4096, temperature=0.2, momentum=0.99,
-                 max_iter=1, pixel_mean, pixel_std):
+                 max_iter=1, pixel_mean, pixel_std, kmeans_counts=(64, 32, 16, 8)):
         super().__init__()
         self.backbone = backbone
-        width = backbone.encoder.embed_dim
+        self.is_cast = hasattr(backbone, "encoder")
+        width = backbone.encoder.embed_dim if self.is_cast else backbone.vit.embed_dim
         self.projector = build_mlp(3, width, mlp_dim, dim)
         self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
         self.momentum_backbone = copy.deepcopy(backbone)
@@ -67,6 +72,7 @@ class CASTMoCo(nn.Module):
         self.temperature = temperature
         self.base_momentum = momentum
         self.max_iter = max_iter
+        self.kmeans_counts = tuple(kmeans_counts)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -74,6 +80,7 @@ class CASTMoCo(nn.Module):
     def from_config(cls, cfg):
         m = cfg.MODEL.MOCO
         return {"backbone": build_backbone(cfg), "dim": m.DIM, "mlp_dim": m.MLP_DIM,
+                "kmeans_counts": tuple(cfg.MODEL.CAST.NUM_SEGMENTS),
                 "temperature": m.TEMPERATURE, "momentum": m.MOMENTUM, "max_iter": cfg.SOLVER.MAX_ITER,
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
 
@@ -99,8 +106,9 @@ class CASTMoCo(nn.Module):
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
     def _embed(self, backbone, projector, images, sps):
-        out = backbone.encoder(images, sps)
-        return projector(out["cls"])
+        if self.is_cast:
+            return projector(backbone.encoder(images, sps)["cls"])
+        return projector(backbone.forward_tokens(images)[0][:, 0])
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -121,6 +129,8 @@ class CASTMoCo(nn.Module):
     @torch.no_grad()
     def inference(self, batched_inputs):
         """Hierarchy per image: ``{"hierarchy": (L+1, height, width) int64, "num_segments": ...}``."""
+        if not self.is_cast:
+            return self._vit_kmeans_inference(batched_inputs)
         results = []
         for d in batched_inputs:
             img = self._normalize([d["image"]])
@@ -132,4 +142,17 @@ class CASTMoCo(nn.Module):
             if (height, width) != tuple(h.shape[-2:]):
                 h = F.interpolate(h[None].float(), size=(height, width), mode="nearest")[0].long()
             results.append({"hierarchy": h, "num_segments": out["num_segments"][0], "cls": out["cls"][0]})
+        return results
+
+    def _vit_kmeans_inference(self, batched_inputs):
+        from hiseg.modeling.vit_kmeans import vit_kmeans_hierarchy
+
+        results = []
+        for d in batched_inputs:
+            img = self._normalize([d["image"]])
+            prefix, fmap = self.backbone.forward_tokens(img)
+            height, width = d.get("height", img.shape[-2]), d.get("width", img.shape[-1])
+            h = vit_kmeans_hierarchy(fmap, (height, width), counts=self.kmeans_counts)
+            results.append({"hierarchy": h, "num_segments": torch.tensor([int(l.max()) + 1 for l in h]),
+                            "cls": prefix[0, 0]})
         return results
