@@ -10,13 +10,13 @@ detectron2's built-ins included, are skipped, and a dataset whose files are miss
 Every dataset's metadata has ``evaluator_type`` (``coco``, ``sem_seg``, ``coco_panoptic_seg`` or
 ``classification``) so a trainer can pick its evaluator from the metadata alone.
 """
-import importlib
 import os
 from typing import Optional
 
 from hiseg.paths import datasets_root
 
 from .datasets import (
+    bsds500,
     cls_agnostic,
     coco_panoptic_sample,
     coco_stuff27,
@@ -41,11 +41,8 @@ DATASET_MODULES = [
     partimagenet,
     densepose,
     skimage_images,
+    bsds500,
 ]
-
-# BSDS500 is written by another engineer; import it once its module exists.
-if os.path.isfile(os.path.join(os.path.dirname(__file__), "datasets", "bsds500.py")):
-    DATASET_MODULES.append(importlib.import_module(".datasets.bsds500", __name__))
 
 
 def register_all(root: Optional[str] = None, overwrite: bool = False) -> None:
