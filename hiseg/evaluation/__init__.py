@@ -6,7 +6,9 @@
   detectron2 evaluator for hierarchical segmentation on BSDS500-style datasets
   (``evaluator_type="bsds_hierarchical"``);
 * :class:`BoundaryFScoreEvaluator`, :class:`SegmentRetrievalEvaluator`: CAST Table 3's boundary
-  F-score of semantic segmentation and the SegSort segment-retrieval protocol (Appx. E.5).
+  F-score of semantic segmentation and the SegSort segment-retrieval protocol (Appx. E.5);
+* :class:`FigureGroundEvaluator` (+ class-attention extraction for CAST and ViT): Table 5's
+  figure-ground mIoU from class-token attention (DINO's 60% mass rule).
 
 The evaluator is imported on first access, so ``hiseg.evaluation.bsds_metrics`` can be used
 without importing detectron2 and torch.
@@ -14,13 +16,14 @@ without importing detectron2 and torch.
 import importlib
 
 __all__ = ["HierarchicalSegEvaluator", "BoundaryFScoreEvaluator", "SegmentRetrievalEvaluator",
-           "ClassificationEvaluator"]
+           "ClassificationEvaluator", "FigureGroundEvaluator"]
 
 _LAZY = {
     "HierarchicalSegEvaluator": ".hierarchical_evaluator",
     "BoundaryFScoreEvaluator": ".boundary_fscore",
     "SegmentRetrievalEvaluator": ".segment_retrieval",
     "ClassificationEvaluator": ".classification",
+    "FigureGroundEvaluator": ".figure_ground",
 }
 
 
