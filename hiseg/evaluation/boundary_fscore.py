@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from . import bsds_metrics as M
 from .distributed import gather_records
+from .hierarchical_evaluator import resize_nearest
 
 __all__ = ["BoundaryFScoreEvaluator", "semantic_boundary_counts", "fill_ignored", "SemSegGroundTruth",
            "boundary_fscore_factory"]
@@ -48,17 +49,6 @@ def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def resize_labels_nearest(labels: np.ndarray, shape) -> np.ndarray:
-    """Nearest-neighbour resize of an integer map (pixel centres aligned)."""
-    h, w = labels.shape
-    H, W = shape
-    if (h, w) == (H, W):
-        return labels
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
-    return labels[np.ix_(rows, cols)]
 
 
 class SemSegGroundTruth:
@@ -83,7 +73,7 @@ class SemSegGroundTruth:
             with PathManager.open(self.file_to_gt[f], "rb") as fh:
                 return np.array(Image.open(fh), dtype=np.int64)
         if "sem_seg" in inp:
-            return resize_labels_nearest(_to_numpy(inp["sem_seg"]).astype(np.int64), shape)
+            return resize_nearest(_to_numpy(inp["sem_seg"]).astype(np.int64), shape)
         raise KeyError("no ground truth: the input has neither a file_name of the dataset (with "
                        "sem_seg_file_name) nor a 'sem_seg' tensor")
 
@@ -171,7 +161,7 @@ class BoundaryFScoreEvaluator(DatasetEvaluator):
             pred = sem.argmax(axis=0) if sem.ndim == 3 else sem
             pred = pred.astype(np.int64)
             gt = self._gt(inp, pred.shape)
-            pred = resize_labels_nearest(pred, gt.shape)
+            pred = resize_nearest(pred, gt.shape)
             counts = semantic_boundary_counts(pred, gt, self._ignore_label, self._max_dist, self._matching)
             name = inp.get("file_name", inp.get("image_id", len(self._records)))
             self._records.append({"file_name": str(name), "counts": [int(c) for c in counts]})

@@ -625,7 +625,13 @@ def evaluate_boundaries_image(
     radius = _match_radius(pb.shape, max_dist)
     humans = [_HumanBoundary(g, radius) for g in gt_boundaries]
 
-    # pb >= t only depends on the smallest value of pb that is >= t
+    return _sweep_thresholds(pb, thresh, thin,
+                             lambda bmap: _counts_for_bmap(bmap, humans, radius, outlier_cost, matching))
+
+
+def _sweep_thresholds(pb: np.ndarray, thresh: np.ndarray, thin: bool, counts_fn) -> np.ndarray:
+    """(T, 5) rows ``thresh, counts_fn(thinned pb >= t)``; thresholds that give the same binary
+    map are evaluated once (``pb >= t`` only depends on the smallest value of pb that is >= t)."""
     values = np.unique(pb)
     keys = np.searchsorted(values, thresh, side="left")
     cache: Dict[int, Tuple[int, int, int, int]] = {}
@@ -637,7 +643,7 @@ def evaluate_boundaries_image(
             bmap = pb >= values[key] if key < values.size else np.zeros(pb.shape, dtype=bool)
             if thin:
                 bmap = thin_boundaries(bmap)
-            cache[key] = _counts_for_bmap(bmap, humans, radius, outlier_cost, matching)
+            cache[key] = counts_fn(bmap)
         out[k, 1:] = cache[key]
     return out
 
@@ -702,27 +708,18 @@ def evaluate_boundaries_image_fast(
         return ndimage.distance_transform_edt(~mask) <= radius
 
     near_gt = [near(g) for g in gts]
-    values = np.unique(pb)
-    keys = np.searchsorted(values, thresh, side="left")
-    cache = {}
-    out = np.zeros((thresh.size, 5), dtype=np.float64)
-    out[:, 0] = thresh
-    for k, key in enumerate(keys):
-        key = int(key)
-        if key not in cache:
-            bmap = pb >= values[key] if key < values.size else np.zeros(pb.shape, dtype=bool)
-            if thin:
-                bmap = thin_boundaries(bmap)
-            near_machine = near(bmap)
-            acc = np.zeros(pb.shape, dtype=bool)
-            cnt_r = sum_r = 0
-            for g, ng in zip(gts, near_gt):
-                acc |= bmap & ng
-                cnt_r += int((g & near_machine).sum())
-                sum_r += int(g.sum())
-            cache[key] = (cnt_r, sum_r, int(acc.sum()), int(bmap.sum()))
-        out[k, 1:] = cache[key]
-    return out
+
+    def counts(bmap):
+        near_machine = near(bmap)
+        acc = np.zeros(pb.shape, dtype=bool)
+        cnt_r = sum_r = 0
+        for g, ng in zip(gts, near_gt):
+            acc |= bmap & ng
+            cnt_r += int((g & near_machine).sum())
+            sum_r += int(g.sum())
+        return cnt_r, sum_r, int(acc.sum()), int(bmap.sum())
+
+    return _sweep_thresholds(pb, thresh, thin, counts)
 
 
 # ---------------------------------------------------------------------------------------------

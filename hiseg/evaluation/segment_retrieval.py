@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
 
-from .boundary_fscore import SemSegGroundTruth, _to_numpy, resize_labels_nearest
+from .boundary_fscore import SemSegGroundTruth, _to_numpy
+from .hierarchical_evaluator import resize_nearest
 from .distributed import gather_records
 
 __all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference", "segment_retrieval_factory"]
@@ -137,7 +138,7 @@ class SegmentRetrievalEvaluator(DatasetEvaluator):
             if seg.size and (seg.min() < 0 or seg.max() >= k):
                 raise ValueError(f"segment labels must lie in [0, {k}) to index 'segment_features'")
             gt = self._gt(inp, seg.shape)
-            seg = resize_labels_nearest(seg, gt.shape)
+            seg = resize_nearest(seg, gt.shape)
             valid = (gt != self._ignore_label) & (gt >= 0) & (gt < self._num_classes)
             c = self._num_classes
             hist = np.bincount(seg[valid] * c + gt[valid], minlength=k * c).reshape(k, c)
