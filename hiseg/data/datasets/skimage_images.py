@@ -2,6 +2,8 @@
 
 Unlabelled; used by the main job and the demos as built-in training / picture data that needs no
 download. Text, synthetic and binary images of ``skimage.data`` are left out.
+``skimage_instances_{train,val}``: the same images as a 16-class classification set (one class
+per image), for quick classification runs and tests.
 """
 import os
 
@@ -9,7 +11,7 @@ from PIL import Image
 
 from .common import register_lazy
 
-__all__ = ["register_all", "SKIMAGE_NATURAL", "load_skimage_images"]
+__all__ = ["register_all", "SKIMAGE_NATURAL", "load_skimage_images", "load_skimage_instances"]
 
 SKIMAGE_NATURAL = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png",
                    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
@@ -34,7 +36,17 @@ def load_skimage_images():
     return out
 
 
+def load_skimage_instances():
+    return [dict(d, label=SKIMAGE_NATURAL.index(os.path.basename(d["file_name"]))) for d in load_skimage_images()]
+
+
 def register_all(root=None, overwrite=False):
     register_lazy("skimage_natural_images", load_skimage_images,
                   {"evaluator_type": "none", "source": "scikit-image skimage.data"},
                   family="skimage", overwrite=overwrite)
+    classes = [os.path.splitext(n)[0] for n in SKIMAGE_NATURAL]
+    for split in ("train", "val"):
+        register_lazy(f"skimage_instances_{split}", load_skimage_instances,
+                      {"evaluator_type": "classification", "num_classes": len(classes), "classes": classes,
+                       "source": "scikit-image skimage.data, one class per image"},
+                      family="skimage", overwrite=overwrite)

@@ -26,7 +26,6 @@ give RandomResizedCrop + flip only. Test: resize the short side to ``S / TEST_CR
 test on centre crops of the same images). Registered when this module is imported.
 """
 import copy
-import os
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from hiseg.engine.trainer import MAPPER_REGISTRY
 
 from .superpixels import SuperpixelConfig, compute_superpixels, to_rgb_uint8
 
-__all__ = ["CASTClassificationMapper", "build_cls_transforms", "register_skimage_instances",
+__all__ = ["CASTClassificationMapper", "build_cls_transforms",
            "needs_superpixels"]
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
@@ -110,27 +109,3 @@ class CASTClassificationMapper:
         if "label" in d:
             d["label"] = int(d["label"])
         return d
-
-
-# ----------------------------------------------------------------------------------------------
-def _skimage_instances():
-    from hiseg.data.datasets.skimage_images import SKIMAGE_NATURAL, load_skimage_images
-
-    return [{"file_name": d["file_name"], "image_id": d["image_id"],
-             "label": SKIMAGE_NATURAL.index(os.path.basename(d["file_name"]))} for d in load_skimage_images()]
-
-
-def register_skimage_instances():
-    """Register ``skimage_instances_{train,val}`` (idempotent)."""
-    from hiseg.data.datasets.common import register_lazy
-    from hiseg.data.datasets.skimage_images import SKIMAGE_NATURAL
-
-    classes = [os.path.splitext(n)[0] for n in SKIMAGE_NATURAL]
-    for split in ("train", "val"):
-        register_lazy(f"skimage_instances_{split}", _skimage_instances,
-                      {"evaluator_type": "classification", "num_classes": len(classes), "classes": classes,
-                       "source": "scikit-image skimage.data, one class per image"},
-                      family="skimage")
-
-
-register_skimage_instances()
