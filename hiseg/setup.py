@@ -18,4 +18,5 @@ def add_all_configs(cfg):
     cast.add_cast_semantic_config(cfg)
     add_cast_classification_config(cfg)
     oap.add_vit_adapter_config(cfg)
+    oap.add_oap_config(cfg)
     return cfg

@@ -6,5 +6,6 @@ the multi-scale encoder (ViT-Adapter with pure-PyTorch multi-scale deformable at
 registered as ``build_vit_adapter_backbone``.
 """
 from . import modeling, pooling
+from .config import add_oap_config
 from .modeling import add_vit_adapter_config
 from .pooling import generate_pseudo_masks
