@@ -13,6 +13,8 @@ def add_hiseg_config(cfg):
     s.WEIGHT_DECAY_EMBED = 0.0
     s.POLY_LR_POWER = 0.9  # "WarmupPolyLR": lr * (1 - iter / max_iter) ** power (Chen et al. 2016)
     cfg.INPUT.DATASET_MAPPER_NAME = ""  # "" = detectron2's DatasetMapper; "CASTDatasetMapper" adds S_0
-    cfg.TEST.EVALUATORS = []  # empty = chosen from each test dataset's metadata.evaluator_type
+    # empty = chosen from each test dataset's metadata.evaluator_type; entries "<type>" apply to
+    # every test dataset, "<dataset>:<type>" to that dataset only
+    cfg.TEST.EVALUATORS = []
     cfg.HISEG = CN()
     cfg.HISEG.VIS_PERIOD = 0

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""CAST hierarchical segmentation of any images (Fig. 5 style pictures).
+"""CAST hierarchical segmentation (Fig. 5 style pictures) or OAP pseudo-masks and universal
+segmentation of any images.
 
     python tools/demo.py --input photo.jpg 'dir/*.png' [--skimage astronaut coffee chelsea]
         [--config-file configs/CAST/Base-CAST-S.yaml] [--output output/demo] [--save-labels]
@@ -10,7 +11,13 @@ segments (mean colour, with boundaries), titled with the number of segments. ``-
 also writes ``<name>_level<l>.png`` (16-bit, label + 1; 0 = none) and ``<name>_levels.npz``
 (``levels`` (L+1, H, W) int32, ``num_segments``, ``image``).
 
-The model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEIGHTS`` into the encoder
+With an OAP config (``META_ARCHITECTURE: OAPSegmentor``, e.g.
+``configs/OAP/quick/oap_vit_tiny_coco_sample_cpu.yaml``) it writes ``<name>_oap.png`` instead: the
+input, the teacher's OAP pseudo-masks of every layer (instance and semantic level), and the
+model's class-agnostic instances (``--score-threshold``), semantic clusters and panoptic segments;
+``MODEL.WEIGHTS`` is a full OAP checkpoint (tools/train_net.py output) or converted DINO weights.
+
+The CAST model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEIGHTS`` into the encoder
 when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint). Without weights
 the model is randomly initialised: its hierarchy then only reflects superpixel colours and
 positions. Images are read with OpenCV (PIL as fall-back), converted to RGB uint8 (grey, alpha,
@@ -192,6 +199,42 @@ def build_model(cfg, device: str):
     return backbone.to(torch.device(device)).eval()
 
 
+def is_oap(cfg) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == "OAPSegmentor"
+
+
+def build_oap_model(cfg, device: str):
+    """The whole OAP segmenter, ``MODEL.WEIGHTS`` loaded by detectron2's checkpointer, eval mode."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model as d2_build_model
+
+    model = d2_build_model(cfg.clone()).to(torch.device(device))
+    if cfg.MODEL.WEIGHTS:
+        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise SystemExit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: file not found")
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        print(f"loaded {cfg.MODEL.WEIGHTS}")
+    else:
+        print("WARNING: MODEL.WEIGHTS is empty: the OAP model is randomly initialised, so its pseudo-masks "
+              "follow colours only and its decoder outputs are untrained.")
+    return model.eval()
+
+
+def process_oap(model, name, img, args, stem, input_format):
+    from cast.visualize import save_panel_grid
+    from oap.visualize import oap_demo_panels
+
+    t0 = time.perf_counter()
+    rgb = prepare_image(img, args.max_size, name)
+    panels = oap_demo_panels(model, rgb, input_format, args.score_threshold)
+    out_png = save_panel_grid(os.path.join(args.output, f"{stem}_oap.png"), panels, ncols=args.columns,
+                              suptitle=os.path.basename(name))
+    print(f"{name}: {rgb.shape[1]}x{rgb.shape[0]}, {len(panels) - 1} panels "
+          f"({time.perf_counter() - t0:.2f}s) -> {out_png}")
+    return [out_png]
+
+
 def superpixels_for(backbone, rgb: np.ndarray) -> np.ndarray:
     from cast.superpixels import compute_superpixels, patch_superpixels
 
@@ -257,7 +300,8 @@ def process(backbone, name, img, args, stem):
 
 
 def get_parser():
-    ap = argparse.ArgumentParser(description="CAST hierarchical segmentation pictures (Fig. 5 style).",
+    ap = argparse.ArgumentParser(description="CAST hierarchy pictures (Fig. 5 style) or OAP pseudo-mask and "
+                                             "universal segmentation pictures (OAPSegmentor configs).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
     ap.add_argument("--input", nargs="+", default=[], help="image files, directories or glob patterns")
@@ -272,6 +316,8 @@ def get_parser():
     ap.add_argument("--color", choices=("mean", "palette"), default="mean",
                     help="fill segments with their mean colour or a palette colour")
     ap.add_argument("--columns", type=int, default=3, help="panels per row")
+    ap.add_argument("--score-threshold", type=float, default=0.5,
+                    help="OAP: instances drawn when their score is at least this")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (no weights)")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                     help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model.pth")
@@ -290,7 +336,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     torch.manual_seed(args.seed)
     cfg = setup_cfg(args.config_file, args.opts)
-    backbone = build_model(cfg, args.device)
+    if is_oap(cfg):
+        model = build_oap_model(cfg, args.device)
+        run_one = lambda name, img, stem: process_oap(model, name, img, args, stem, cfg.INPUT.FORMAT)  # noqa: E731
+    else:
+        backbone = build_model(cfg, args.device)
+        run_one = lambda name, img, stem: process(backbone, name, img, args, stem)  # noqa: E731
     os.makedirs(args.output, exist_ok=True)
 
     failures = []
@@ -305,7 +356,7 @@ def main(argv=None) -> int:
         stem = unique_stem(("skimage_" + src) if kind == "skimage" else src, used)
         try:
             img = read_image(src) if kind == "file" else skimage_image(src)
-            process(backbone, name, img, args, stem)
+            run_one(name, img, stem)
             done += 1
         except InputError as e:
             print(f"ERROR: {e}", file=sys.stderr)

@@ -398,25 +398,13 @@ def build_generator_from_args(args):
 
 # ---------------------------------------------------------------------------------------------
 # pictures
-def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The masks of one level (label map, -1 = none) blended over the image, with outlines."""
-    from cast.visualize import draw_boundaries, palette_image
-
-    out = image.copy()
-    valid = labels >= 0
-    if valid.any():
-        fill = palette_image(labels)
-        out[valid] = np.clip(0.45 * image[valid].astype(np.float32) + 0.55 * fill[valid], 0, 255).astype(np.uint8)
-        out = draw_boundaries(out, labels, (255, 255, 255), 1 if max(image.shape[:2]) <= 400 else 2)
-    return out
-
-
 def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, method: str, upsample: str,
                   vis_size: int) -> List[str]:
     """``<name>_<method>_<kind>_L<layer>.png`` per level and ``<name>_<method>.png`` (all levels)."""
     import cv2
 
     from cast.visualize import save_panel_grid
+    from oap.visualize import masks_to_labels, overlay
 
     h, w = image.shape[:2]
     scale = min(1.0, vis_size / max(h, w))
@@ -428,10 +416,7 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
         lay = pseudo.layers[layer]
         level = lay.level(kind)
         masks = level.upsample(image.shape[:2], mode=upsample).cpu().numpy()
-        labels = np.full(image.shape[:2], -1, np.int64)
-        for k in range(masks.shape[0]):
-            labels[masks[k]] = k
-        pic = overlay(image, labels)
+        pic = overlay(image, masks_to_labels(masks))
         path = os.path.join(vis_dir, f"{name}_{method}_{kind}_L{layer}.png")
         if not cv2.imwrite(path, pic[:, :, ::-1]):
             raise OSError(f"could not write {path}")

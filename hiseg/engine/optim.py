@@ -1,7 +1,8 @@
 """Optimizers and schedules used by the two papers.
 
 * Parameter groups: no weight decay on normalisation layers, biases, position embeddings and
-  class-like tokens (``cls_token``, ``pe_token``, ``pos_embed``, ``query_embed``, level tokens),
+  class-like tokens (``cls_token``, ``pe_token``, ``pos_embed``, ``query_embed``, level tokens, and
+  every ``nn.Embedding``: learnable queries),
   as DeiT / MoCo-v3 / Mask2Former do; ``SOLVER.WEIGHT_DECAY_EMBED`` sets the latter's decay.
 * ``SOLVER.OPTIMIZER``: ``SGD`` (momentum ``SOLVER.MOMENTUM``, Nesterov ``SOLVER.NESTEROV``) or
   ``ADAMW`` (betas ``SOLVER.BETAS``): CAST's MoCo/DeiT runs and OAP use AdamW (Tables 11-12,
@@ -38,7 +39,8 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float, weight_d
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if isinstance(module, _NORMS):
                 wd = weight_decay_norm
-            elif any(k in full.split(".")[-1] for k in _EMBED_NAMES):
+            elif isinstance(module, nn.Embedding) or any(k in full.split(".")[-1] for k in _EMBED_NAMES):
+                # learnable queries / level tokens held in nn.Embedding (Mask2Former's convention)
                 wd = weight_decay_embed
             elif p_name == "bias" or p.ndim <= 1:
                 wd = weight_decay_bias

@@ -9,7 +9,7 @@
 """
 import logging
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
@@ -80,9 +80,29 @@ EVALUATOR_FACTORIES: Dict[str, Callable] = {
 }
 
 
+def evaluator_types(cfg, dataset_name: str) -> List[str]:
+    """The evaluator types for one test dataset.
+
+    ``TEST.EVALUATORS`` entries are either ``"<type>"`` (every test dataset) or
+    ``"<dataset>:<type>"`` (that dataset only); without an entry that applies, the dataset's
+    ``metadata.evaluator_type`` is used.
+    """
+    types = []
+    for entry in cfg.TEST.EVALUATORS:
+        name, sep, t = entry.rpartition(":")
+        if not sep:
+            types.append(entry)
+        elif name == dataset_name:
+            types.append(t)
+        elif name not in cfg.DATASETS.TEST:
+            raise ValueError(f"TEST.EVALUATORS entry {entry!r} names dataset {name!r}, which is not in "
+                             f"DATASETS.TEST {tuple(cfg.DATASETS.TEST)}")
+    return types or [getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)]
+
+
 def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-    types = list(cfg.TEST.EVALUATORS) or [getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)]
+    types = evaluator_types(cfg, dataset_name)
     evaluators = []
     for t in types:
         if t not in EVALUATOR_FACTORIES:

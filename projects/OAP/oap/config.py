@@ -40,6 +40,10 @@ def add_oap_config(cfg):
     o.TEACHER = CN()
     o.TEACHER.MOMENTUM = 0.996  # cosine schedule from 0.996 to 1 over SOLVER.MAX_ITER
     o.TEACHER.MOMENTUM_END = 1.0
+    # What OAP pools: "key" = keys of the last ViT self-attention block (Sec. 4.2 "Graph
+    # Initialization"; ViT / ViT-Adapter backbones), or the name of a backbone output (e.g. "res3"
+    # when the CAST backbone stands in for the ViT).
+    o.TEACHER.FEATURES = "key"
 
     # ---- pixel decoder (Mask2Former's MSDeformAttnPixelDecoder) ----
     o.PIXEL_DECODER = CN()
