@@ -6,6 +6,7 @@ def add_all_configs(cfg):
     import cast  # registers the CAST backbones, meta-architectures and mappers
     import oap  # registers the ViT-Adapter backbone
     from cast.classification_config import add_cast_classification_config
+    from cast.segmenter import add_cast_segmenter_config
 
     from .config import add_hiseg_config
     from .modeling import add_vit_config  # registers build_vit_backbone
@@ -17,6 +18,7 @@ def add_all_configs(cfg):
     cast.add_cast_config(cfg)
     cast.add_cast_semantic_config(cfg)
     add_cast_classification_config(cfg)
+    add_cast_segmenter_config(cfg)
     oap.add_vit_adapter_config(cfg)
     oap.add_oap_config(cfg)
     return cfg

@@ -10,3 +10,4 @@ from .semantic import CASTSemanticSegmentor
 from .semantic_config import add_cast_semantic_config
 from .classification import CASTClassifier, CASTLinearProbe
 from .cls_mapper import CASTClassificationMapper
+from .segmenter import CASTSegmenter, CASTSegmenterMapper, add_cast_segmenter_config

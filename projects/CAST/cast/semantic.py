@@ -58,7 +58,8 @@ from .modeling.segment_ops import segment_to_grid_matrix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CASTSemanticSegmentor", "PixelHead", "segment_features", "nearest_level"]
+__all__ = ["CASTSemanticSegmentor", "PixelHead", "segment_features", "nearest_level",
+           "superpixel_cross_entropy", "build_token_backbone"]
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,38 @@ class PixelHead(nn.Module):
         return (h - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
 
 
+def superpixel_cross_entropy(token_logits: torch.Tensor, superpixels: torch.Tensor, targets: torch.Tensor,
+                             ignore_value: int = 255) -> torch.Tensor:
+    """Per-pixel softmax cross-entropy when every pixel takes its superpixel's logits.
+
+    Args:
+        token_logits: (B, N, C) class logits of the N superpixel tokens.
+        superpixels: (B, H, W) int64 token index of each pixel (-1 = padding).
+        targets: (B, H, W) int64 labels in [0, C) or ``ignore_value``.
+    Returns the mean NLL over the labelled pixels, computed from a (token, class) histogram of
+    the labelled pixels instead of an (B, C, H, W) logit map (same value, a fraction of the
+    memory). A batch without labelled pixels gives a zero that still touches the graph.
+    """
+    b, n, c = token_logits.shape
+    valid = targets != ignore_value
+    if bool((targets[valid] >= c).any()) or bool((targets[valid] < 0).any()):
+        raise ValueError(f"sem_seg labels must be in [0, {c}) or {ignore_value}")
+    logp = F.log_softmax(token_logits, dim=-1)
+    bidx = torch.arange(b, device=superpixels.device)[:, None, None].expand_as(superpixels)
+    idx = ((bidx * n + superpixels.clamp(min=0)) * c + targets.clamp(min=0))[valid]
+    hist = torch.bincount(idx, minlength=b * n * c).view(b, n, c).to(logp.dtype)
+    return -(hist * logp).sum() / hist.sum().clamp(min=1.0)
+
+
+def build_token_backbone(cfg):
+    """The CAST backbone for a meta-architecture that reads the fused tokens itself: built without
+    the res2..res5 maps (their LayerNorms would be parameters without gradients)."""
+    bb_cfg = cfg.clone()
+    bb_cfg.defrost()
+    bb_cfg.MODEL.CAST.OUT_FEATURES = []
+    return build_backbone(bb_cfg)
+
+
 def nearest_level(num_segments: torch.Tensor, target: int) -> int:
     """Index of the level whose segment count is nearest ``target`` (the finer one on ties)."""
     diff = (num_segments.long() - int(target)).abs()
@@ -179,14 +212,9 @@ class CASTSemanticSegmentor(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        # The segmentor reads the fused tokens itself: build the backbone without the res2..res5
-        # maps (their LayerNorms would be parameters without gradients).
-        bb_cfg = cfg.clone()
-        bb_cfg.defrost()
-        bb_cfg.MODEL.CAST.OUT_FEATURES = []
         c = cfg.MODEL.CAST_SEM_SEG
         return {
-            "backbone": build_backbone(bb_cfg),
+            "backbone": build_token_backbone(cfg),
             "num_classes": c.NUM_CLASSES,
             "head_dim": c.HEAD_DIM,
             "head_norm": c.HEAD_NORM,
@@ -258,28 +286,22 @@ class CASTSemanticSegmentor(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.inference(batched_inputs)
-        images, sp, fused, _ = self.encode(batched_inputs)
+        images, sp, fused, out = self.encode(batched_inputs)
         targets = [d["sem_seg"].to(self.device).long() for d in batched_inputs]
         targets = ImageList.from_tensors(targets, self.backbone.size_divisibility, pad_value=self.ignore_value).tensor
         targets = targets.masked_fill(sp < 0, self.ignore_value)
-        return {"loss_sem_seg": self.loss_weight * self._loss(fused, sp, targets)}
+        return {"loss_sem_seg": self.loss_weight * self._loss(fused, sp, targets, out)}
 
-    def _loss(self, fused, sp, targets) -> torch.Tensor:
+    def token_logits(self, fused: torch.Tensor, sp: torch.Tensor, out) -> torch.Tensor:
+        """(B, M_0, C) class logits of the superpixel tokens (the ``FEATURE_STRIDE`` 1 path).
+        ``out`` is the encoder output; subclasses with another head override this."""
+        return self.head.forward_tokens(fused, self._pixel_counts(sp, fused.shape[1]))
+
+    def _loss(self, fused, sp, targets, out=None) -> torch.Tensor:
         if self.feature_stride > 1:
             logits = self._grid_logits(fused, sp)
             return F.cross_entropy(logits, targets, ignore_index=self.ignore_value)
-        b, n, _ = fused.shape
-        c = self.num_classes
-        logp = F.log_softmax(self.head.forward_tokens(fused, self._pixel_counts(sp, n)), dim=-1)
-        # per-pixel NLL summed as a (superpixel, class) histogram of the labelled pixels
-        valid = targets != self.ignore_value
-        if bool((targets[valid] >= c).any()) or bool((targets[valid] < 0).any()):
-            raise ValueError(f"sem_seg labels must be in [0, {c}) or {self.ignore_value}")
-        bidx = torch.arange(b, device=sp.device)[:, None, None].expand_as(sp)
-        idx = ((bidx * n + sp.clamp(min=0)) * c + targets.clamp(min=0))[valid]
-        hist = torch.bincount(idx, minlength=b * n * c).view(b, n, c).to(logp.dtype)
-        # no labelled pixel in the batch: a zero loss that still touches the graph
-        return -(hist * logp).sum() / hist.sum().clamp(min=1.0)
+        return superpixel_cross_entropy(self.token_logits(fused, sp, out), sp, targets, self.ignore_value)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,7 +310,7 @@ class CASTSemanticSegmentor(nn.Module):
         if self.feature_stride > 1:
             grid_logits = self._grid_logits(fused, sp)
         else:
-            token_logits = self.head.forward_tokens(fused, self._pixel_counts(sp, fused.shape[1]))
+            token_logits = self.token_logits(fused, sp, out)
         results = []
         for i, d in enumerate(batched_inputs):
             h, w = images.image_sizes[i]

@@ -5,7 +5,7 @@ PyTorch implementation, and the MaskCut baseline behind the same interface); ``o
 the multi-scale encoder (ViT-Adapter with pure-PyTorch multi-scale deformable attention),
 registered as ``build_vit_adapter_backbone``.
 """
-from . import data, modeling, pooling
+from . import data, evaluation, modeling, pooling
 from .config import add_oap_config
 from .modeling import add_vit_adapter_config
 from .pooling import generate_pseudo_masks

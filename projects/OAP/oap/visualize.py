@@ -54,7 +54,7 @@ def pseudo_mask_panels(image: np.ndarray, pseudo, upsample: str = "nearest") -> 
                 continue  # MaskCut has no semantic level
             masks = level.upsample(image.shape[:2], mode=upsample).cpu().numpy()
             n = len(level)
-            panels.append((f"{kind} L{t + 1} (tau {layer.threshold:g}): {n} mask{'s' if n != 1 else ''}",
+            panels.append((f"{kind} L{t} (tau {layer.threshold:g}): {n} mask{'s' if n != 1 else ''}",
                            overlay(image, masks_to_labels(masks))))
     return panels
 

@@ -206,6 +206,12 @@ class OAPSegmentor(nn.Module):
             raise ValueError(f"images have {images.shape[-3]} channels, MODEL.PIXEL_MEAN has {self.pixel_mean.shape[0]}")
         return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
 
+    def _clock(self) -> float:
+        """Wall time, after the device's queued work (timings of the teacher in the event log)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
         """EMA ``teacher = m * teacher + (1 - m) * student`` (parameters); buffers are copied.
@@ -245,17 +251,19 @@ class OAPSegmentor(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"global views must share one size to be batched, got {sorted(sizes)}")
         global_images = self._normalize(torch.stack([x["image"] for x in batched_inputs]))
-        tic = time.perf_counter()
+        tic = self._clock()
         with torch.no_grad():
             fmap = self.teacher_feature_map(global_images)
+            tac = self._clock()
             pseudo = self.generator(fmap)
+            pool_time = self._clock() - tac
             per_image = [pseudo_mask_targets(p, self.max_targets) for p in pseudo]
             codes = {}
             for name in LEVELS:
                 embeds = [t[name].embeds for t in per_image]
                 flat = torch.cat(embeds) if embeds else fmap.new_zeros((0, fmap.shape[1]))
                 codes[name] = self.teacher.head(flat.to(fmap.dtype)).split([e.shape[0] for e in embeds])
-        oap_time = time.perf_counter() - tic
+        teacher_time = self._clock() - tic
 
         local = [x["local_images"] for x in batched_inputs]
         n_views = [v.shape[0] for v in local]
@@ -276,7 +284,8 @@ class OAPSegmentor(nn.Module):
                                 for name in LEVELS})
         losses = self.criterion(outputs, targets)
         storage.put_scalar("oap/teacher_momentum", m, smoothing_hint=False)
-        storage.put_scalar("oap/teacher_seconds", oap_time)
+        storage.put_scalar("oap/teacher_seconds", teacher_time)  # teacher encoder + OAP + head
+        storage.put_scalar("oap/pooling_seconds", pool_time)  # OAP alone
         for name in LEVELS:
             storage.put_scalar(f"oap/{name}_targets_per_view",
                                sum(t[name]["masks"].shape[0] for t in targets) / max(len(targets), 1))
