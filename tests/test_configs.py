@@ -11,7 +11,7 @@ from hiseg.setup import add_all_configs
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 TINY = ["MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4,
         "MODEL.CAST.DEPTHS", [1, 1, 1, 1], "MODEL.VIT.EMBED_DIM", 48, "MODEL.VIT.NUM_HEADS", 4,
-        "MODEL.VIT.DEPTH", 2]
+        "MODEL.VIT.DEPTH", 4]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.split("configs/")[-1])

@@ -279,3 +279,57 @@ def test_train_net_trains_then_reports_ap_pq_miou(oap_d2_root, tmp_path):
         saved = json.loads((out / "inference" / ds / f"cluster_mapping_{t}.json").read_text())
         assert len(saved["mapping"]) == 16
     assert "copypaste" in text and "model_final.pth" in os.listdir(out)
+
+
+def test_dino_weights_reach_student_and_teacher(tmp_path, train_batch):
+    """A DINO checkpoint (plain ViT state dict) converted with the quick config lands in the
+    student's ViT; the first training step copies it into the teacher (Sec. 5.1 DINO init)."""
+    import importlib.util
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from hiseg.modeling import ViTBackbone
+
+    torch.manual_seed(5)
+    src = ViTBackbone(embed_dim=48, depth=4, num_heads=4, patch_size=8, img_size=96)
+    with torch.no_grad():
+        for t in src.vit.parameters():
+            t.add_(torch.randn_like(t) * 0.02)
+    dino = {k: v.clone() for k, v in src.vit.state_dict().items()}
+    torch.save(dino, tmp_path / "dino_vit_tiny8.pth")
+    cfg_file = tmp_path / "oap.yaml"
+    cfg_file.write_text(quick_cfg().dump())
+    spec = importlib.util.spec_from_file_location("convert_cast_checkpoint", REPO / "tools" / "convert_cast_checkpoint.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "dino_oap.pth"
+    assert cli.main(["--input", str(tmp_path / "dino_vit_tiny8.pth"), "--output", str(out),
+                     "--config-file", str(cfg_file)]) == 0
+    assert all(k.startswith("student.backbone.vit.") for k in torch.load(out)["model"])
+
+    model = build_model(quick_cfg())
+    DetectionCheckpointer(model).load(str(out))
+    assert int(model.teacher_synced) == 0
+    for k, v in dino.items():
+        assert torch.equal(model.student.backbone.vit.state_dict()[k], v), k
+    model.train()
+    with EventStorage(0):
+        model(train_batch)
+    assert int(model.teacher_synced) == 1
+    for k, v in dino.items():
+        assert torch.equal(model.teacher.backbone.vit.state_dict()[k], v), k
+
+
+def test_demo_writes_oap_pictures(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "tools/demo.py", "--config-file", str(QUICK), "--skimage", "coffee",
+                           "--max-size", "128", "--output", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "randomly initialised" in proc.stdout
+    from PIL import Image
+
+    pic = Image.open(out / "skimage_coffee_oap.png")
+    # input + 5 OAP layers x 2 levels + instances, semantic, panoptic: 14 panels in rows of 3
+    assert pic.size[0] > 3 * 128 and pic.size[1] > 5 * 85  # coffee: 128 x 85 at --max-size 128
+    assert "13 panels" in proc.stdout  # besides the input
