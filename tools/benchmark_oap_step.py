@@ -112,7 +112,7 @@ def main(argv=None):
             pooling = latest["oap/pooling_seconds"][0]
             targets = latest["oap/instance_targets_per_view"][0]
             print(f"step {it}{' (warm-up)' if it < args.warmup else ''}: {step:.3f} s, teacher {teacher:.3f} s, "
-                  f"OAP {pooling:.3f} s, loss {float(loss):.3f}", flush=True)
+                  f"OAP {pooling:.3f} s, loss {float(loss.detach()):.3f}", flush=True)
             if it >= args.warmup:
                 rows.append((step, teacher, pooling, targets))
     step = statistics.median(r[0] for r in rows)

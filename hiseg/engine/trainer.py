@@ -67,6 +67,31 @@ def _sem_seg_retrieval(cfg, name, out):
     return segment_retrieval_factory(cfg, name, out)
 
 
+def _figure_ground(cfg, name, out):
+    """CAST Table 5: IoU of the model's ``"figure_ground"`` mask with the true foreground,
+    scored on the dataset's original label maps (the test mapper's ``"sem_seg"`` is resized)."""
+    import numpy as np
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog
+
+    from ..evaluation.figure_ground import FigureGroundEvaluator
+
+    gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(name) if "sem_seg_file_name" in d}
+
+    def gt_loader(inp):
+        path = gt_files.get(inp.get("file_name")) or inp.get("sem_seg_file_name")
+        if path:
+            with Image.open(path) as im:
+                return np.asarray(im)
+        if "sem_seg" in inp:
+            return inp["sem_seg"]
+        raise ValueError(f"figure_ground: no label map for {inp.get('file_name')!r} in dataset {name!r}")
+
+    ignore = getattr(MetadataCatalog.get(name), "ignore_label", 255)
+    return [FigureGroundEvaluator(distributed=True, ignore_label=ignore, gt_loader=gt_loader)]
+
+
 # evaluator_type -> factory(cfg, dataset_name, output_folder) -> list of evaluators.
 # Projects add their own (e.g. "classification").
 EVALUATOR_FACTORIES: Dict[str, Callable] = {
@@ -77,6 +102,7 @@ EVALUATOR_FACTORIES: Dict[str, Callable] = {
     "sem_seg_retrieval": _sem_seg_retrieval,  # SegSort segment retrieval (Appx. E.5)
     "bsds_hierarchical": _bsds,
     "classification": _classification,  # top-1 / top-5
+    "figure_ground": _figure_ground,  # CAST Table 5 attention figure-ground mIoU
 }
 
 

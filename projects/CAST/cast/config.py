@@ -36,6 +36,16 @@ def add_cast_config(cfg):
     cfg.MODEL.MOCO.MOMENTUM = 0.99
     cfg.MODEL.MOCO.CROP_MIN_SCALE = 0.08
 
+    # CASTMoCo's optional test output "figure_ground" (CAST Table 5, Appx. F.4; DINO's procedure):
+    # the class token's attention in block BLOCK (heads averaged) keeping MASS of its mass, scored
+    # by TEST.EVALUATORS ["figure_ground"]. Also for the ViT baseline (its blocks, -1 = last).
+    c.FIGURE_GROUND = CN()
+    c.FIGURE_GROUND.ENABLED = False
+    # python index into all blocks; -1 = the last. CAST Appx. F.4 reads CAST-S's 9th block (32
+    # segment tokens, DEPTHS [3, 3, 3, 2]): BLOCK 8
+    c.FIGURE_GROUND.BLOCK = -1
+    c.FIGURE_GROUND.MASS = 0.6
+
     c.SUPERPIXEL = CN()
     s = c.SUPERPIXEL
     s.METHOD = "seeds"  # "seeds" | "slic" | "grid"

@@ -10,6 +10,12 @@ scaled by 2T as MoCo-v3. At test time it returns the segmentation hierarchy of e
 The same meta-architecture pre-trains the ViT baseline (``MODEL.BACKBONE.NAME:
 build_vit_backbone``): its class token feeds the projector, and its hierarchy at test time is
 the nested K-means of its output tokens (Appx. D.4) with CAST's segment counts.
+
+With ``MODEL.CAST.FIGURE_GROUND.ENABLED`` the test-time output also holds ``"figure_ground"``,
+the attention-based figure-ground mask of CAST Table 5 / Appx. F.4 (DINO's procedure): the
+class token's attention in block ``FIGURE_GROUND.BLOCK`` (heads averaged), thresholded to keep
+``FIGURE_GROUND.MASS`` (60%) of its mass; :class:`~hiseg.evaluation.FigureGroundEvaluator`
+(``TEST.EVALUATORS: ["figure_ground"]``) scores it against VOC's foreground.
 """
 import copy
 import math
@@ -22,6 +28,8 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from hiseg.evaluation.figure_ground import (class_attention_maps_cast, class_attention_maps_vit,
+                                            figure_ground_mask)
 
 __all__ = ["CASTMoCo", "build_mlp", "moco_momentum", "concat_all_gather"]
 
@@ -58,8 +66,20 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 class CASTMoCo(nn.Module):
     @configurable
     def __init__(self, *, backbone, dim=256, mlp_dim=4096, temperature=0.2, momentum=0.99,
-                 max_iter=1, pixel_mean, pixel_std, kmeans_counts=(64, 32, 16, 8)):
+                 max_iter=1, pixel_mean, pixel_std, kmeans_counts=(64, 32, 16, 8),
+                 figure_ground=False, figure_ground_block=-1, figure_ground_mass=0.6):
+        """``figure_ground*``: the optional ``"figure_ground"`` test output (CAST Table 5):
+        on / off, the block whose class-token attention is read (python index, -1 = last; CAST
+        Appx. F.4 reads CAST-S's 9th block, ``8``) and the mass the mask keeps (DINO's 0.6).
+        The block is checked against the backbone's depth at the first inference."""
         super().__init__()
+        if not isinstance(figure_ground_block, int) or isinstance(figure_ground_block, bool):
+            raise ValueError(f"MODEL.CAST.FIGURE_GROUND.BLOCK must be an int, got {figure_ground_block!r}")
+        if not 0.0 < float(figure_ground_mass) <= 1.0:
+            raise ValueError(f"MODEL.CAST.FIGURE_GROUND.MASS must be in (0, 1], got {figure_ground_mass}")
+        self.figure_ground = bool(figure_ground)
+        self.figure_ground_block = figure_ground_block
+        self.figure_ground_mass = float(figure_ground_mass)
         self.backbone = backbone
         self.is_cast = hasattr(backbone, "encoder")
         width = backbone.encoder.embed_dim if self.is_cast else backbone.vit.embed_dim
@@ -78,11 +98,12 @@ class CASTMoCo(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        m = cfg.MODEL.MOCO
+        m, fg = cfg.MODEL.MOCO, cfg.MODEL.CAST.FIGURE_GROUND
         return {"backbone": build_backbone(cfg), "dim": m.DIM, "mlp_dim": m.MLP_DIM,
                 "kmeans_counts": tuple(cfg.MODEL.CAST.NUM_SEGMENTS),
                 "temperature": m.TEMPERATURE, "momentum": m.MOMENTUM, "max_iter": cfg.SOLVER.MAX_ITER,
-                "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+                "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+                "figure_ground": fg.ENABLED, "figure_ground_block": fg.BLOCK, "figure_ground_mass": fg.MASS}
 
     @property
     def device(self):
@@ -126,9 +147,46 @@ class CASTMoCo(nn.Module):
         get_event_storage().put_scalar("moco_momentum", m, smoothing_hint=False)
         return {"loss_moco": self._contrastive(q1, k2) + self._contrastive(q2, k1)}
 
+    def _check_figure_ground_block(self):
+        n = sum(self.backbone.encoder.depths) if self.is_cast else len(self.backbone.vit.blocks)
+        b = self.figure_ground_block
+        if not -n <= b < n:
+            kind = "CAST" if self.is_cast else "ViT"
+            raise ValueError(f"MODEL.CAST.FIGURE_GROUND.BLOCK {b} is out of range for a {kind} with {n} "
+                             f"blocks (valid: {-n} .. {n - 1}); CAST-S's 9th block (Appx. F.4) is 8")
+        if not self.is_cast and getattr(self.backbone.vit, "cls_token", None) is None:
+            raise ValueError("MODEL.CAST.FIGURE_GROUND needs a class token: the ViT has none "
+                             "(MODEL.VIT.CLASS_TOKEN is False)")
+
+    def _figure_ground_mask(self, attn_map, height, width):
+        """(H, W) class attention -> (height, width) bool: DINO's mass rule, then nearest resize."""
+        mask = figure_ground_mask(attn_map, mass=self.figure_ground_mass)
+        if tuple(mask.shape) != (height, width):
+            mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0] > 0.5
+        return mask
+
+    def _cast_encode(self, img, sp):
+        """The encoder's output; with figure-ground on, also the head-averaged class-token
+        attention map of the chosen block from the same forward pass (the encoder's output is
+        taken by a forward hook while :func:`class_attention_maps_cast` runs it)."""
+        encoder = self.backbone.encoder
+        if not self.figure_ground:
+            return encoder(img, sp), None
+        store = {}
+        handle = encoder.register_forward_hook(lambda _m, _i, o: store.__setitem__("out", o))
+        try:
+            attn = class_attention_maps_cast(encoder, img, sp, block=self.figure_ground_block)
+        finally:
+            handle.remove()
+        return store["out"], attn[0]
+
     @torch.no_grad()
     def inference(self, batched_inputs):
-        """Hierarchy per image: ``{"hierarchy": (L+1, height, width) int64, "num_segments": ...}``."""
+        """Hierarchy per image: ``{"hierarchy": (L+1, height, width) int64, "num_segments": ...,
+        "cls": ...}``, plus ``"figure_ground"`` ((height, width) bool, CAST Table 5) when
+        ``MODEL.CAST.FIGURE_GROUND.ENABLED``."""
+        if self.figure_ground:
+            self._check_figure_ground_block()
         if not self.is_cast:
             return self._vit_kmeans_inference(batched_inputs)
         results = []
@@ -136,12 +194,14 @@ class CASTMoCo(nn.Module):
             img = self._normalize([d["image"]])
             sp = d.get("superpixels")
             sp = sp[None].to(self.device) if sp is not None else self.backbone.superpixels_from_images(img)
-            out = self.backbone.encoder(img, sp)
+            out, attn = self._cast_encode(img, sp)
             h = out["hierarchy"][0]
             height, width = d.get("height", h.shape[-2]), d.get("width", h.shape[-1])
             if (height, width) != tuple(h.shape[-2:]):
                 h = F.interpolate(h[None].float(), size=(height, width), mode="nearest")[0].long()
             results.append({"hierarchy": h, "num_segments": out["num_segments"][0], "cls": out["cls"][0]})
+            if attn is not None:
+                results[-1]["figure_ground"] = self._figure_ground_mask(attn, height, width)
         return results
 
     def _vit_kmeans_inference(self, batched_inputs):
@@ -155,4 +215,7 @@ class CASTMoCo(nn.Module):
             h = vit_kmeans_hierarchy(fmap, (height, width), counts=self.kmeans_counts)
             results.append({"hierarchy": h, "num_segments": torch.tensor([int(l.max()) + 1 for l in h]),
                             "cls": prefix[0, 0]})
+            if self.figure_ground:  # a second forward pass: forward_tokens runs no module hooks
+                attn = class_attention_maps_vit(self.backbone, img, block=self.figure_ground_block)[0]
+                results[-1]["figure_ground"] = self._figure_ground_mask(attn, height, width)
         return results
