@@ -11,7 +11,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from hiseg.setup import add_all_configs
@@ -20,6 +19,7 @@ from cast.data_mapper import superpixels_for_image_tensor
 from cast.segmenter import (CASTSegmenterMapper, LinearDecoder, MaskTransformerDecoder, PhotometricDistortion,
                             _photometric, window_grid)
 from cast.superpixels import SuperpixelConfig, grid_superpixels
+from train_check import sgd_steps
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = "configs/CAST/quick/segmenter_cast_tiny_voc_cpu.yaml"
@@ -138,19 +138,7 @@ def test_segmenter_trains_on_cpu(decoder):
     # one image brings its superpixels (as CASTDatasetMapper does), the other lets the model compute them
     batch = [stripes(64, 96, 0), stripes(72, 80, 1, sp=False)]
     batch[1]["sem_seg"][:5] = 255  # ignored rows
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    losses = []
-    with EventStorage():
-        for it in range(4):
-            loss = model(batch)["loss_sem_seg"]
-            assert torch.isfinite(loss)
-            opt.zero_grad()
-            loss.backward()
-            if it == 0:  # every trainable parameter gets a gradient: DDP needs no find_unused_parameters
-                missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-                assert not missing, missing
-            opt.step()
-            losses.append(float(loss.detach()))
+    losses = sgd_steps(model, batch)
     assert len(set(losses)) == len(losses), losses
     with pytest.raises(ValueError, match="sem_seg"):
         model([{k: v for k, v in batch[0].items() if k != "sem_seg"}])

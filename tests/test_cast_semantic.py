@@ -19,6 +19,7 @@ from hiseg.setup import add_all_configs
 
 from cast.semantic import PixelHead, nearest_level
 from cast.semantic_config import add_cast_semantic_config
+from train_check import sgd_steps
 
 QUICK = "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml"
 
@@ -103,19 +104,7 @@ def test_segmentor_trains_and_infers_synthetic(stride):
     # one image brings its superpixels (as CASTDatasetMapper does), the other lets the model compute them
     batch = [_stripes_input(64, 96, 0, sp=True), _stripes_input(72, 80, 1)]
     batch[1]["sem_seg"][:5] = 255  # ignored rows
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    losses = []
-    with EventStorage():
-        for it in range(4):
-            loss = model(batch)["loss_sem_seg"]
-            assert torch.isfinite(loss)
-            opt.zero_grad()
-            loss.backward()
-            if it == 0:  # every trainable parameter gets a gradient: DDP needs no find_unused_parameters
-                missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-                assert not missing, missing
-            opt.step()
-            losses.append(float(loss.detach()))
+    losses = sgd_steps(model, batch)
     assert losses[-1] < losses[0], losses
     model.eval()
     with torch.no_grad():

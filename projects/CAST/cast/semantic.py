@@ -41,7 +41,7 @@ output is not used) and the last graph pooling (it only produces the hierarchy r
 argmax).
 """
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F

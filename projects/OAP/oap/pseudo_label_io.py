@@ -36,7 +36,7 @@ __all__ = [
     "encode_mask", "decode_segmentation", "bbox_from_mask", "mask_to_result", "masks_to_results",
     "parse_level_specs", "resolve_levels", "coherence_scores", "pseudo_masks_to_results",
     "validate_results", "write_results", "load_results", "results_to_coco_dataset",
-    "atomic_write_json", "class_agnostic_coco", "load_ground_truth", "ClassAgnosticCOCOEvaluator",
+    "atomic_write_json", "class_agnostic_coco", "load_ground_truth",
     "evaluate_results", "format_metrics",
 ]
 
@@ -370,38 +370,6 @@ def class_agnostic_coco(coco: Mapping) -> dict:
     return out
 
 
-def _derive_with_recall(coco_eval, iou_type: str, results: dict) -> dict:
-    if coco_eval is None or iou_type == "keypoints":
-        if coco_eval is None:
-            results.update({"AR1": float("nan"), "AR10": float("nan"), "AR100": float("nan")})
-        return results
-    dets = list(coco_eval.params.maxDets)
-    for stat, n in zip((6, 7, 8), dets[:3]):
-        v = coco_eval.stats[stat]
-        results[f"AR{n}"] = float(v * 100) if v >= 0 else float("nan")
-    return results
-
-
-def _coco_evaluator_class():
-    from detectron2.evaluation import COCOEvaluator
-
-    class ClassAgnosticCOCOEvaluator(COCOEvaluator):
-        """detectron2's ``COCOEvaluator`` that also reports average recall (``AR1``, ``AR10``,
-        ``AR100``; the numbers are the evaluator's ``maxDets``) next to AP."""
-
-        def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-            res = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
-            return _derive_with_recall(coco_eval, iou_type, res)
-
-    return ClassAgnosticCOCOEvaluator
-
-
-def __getattr__(name):  # lazy: importing this module does not import detectron2's evaluation
-    if name == "ClassAgnosticCOCOEvaluator":
-        return _coco_evaluator_class()
-    raise AttributeError(name)
-
-
 def load_ground_truth(gt) -> Tuple[dict, str]:
     """(COCO dict, description) of a GT: a COCO dict, a JSON path or a registered dataset."""
     if isinstance(gt, Mapping):
@@ -480,8 +448,10 @@ def evaluate_results(
         MetadataCatalog.get(name).set(json_file=json_file, thing_classes=["fg"],
                                       thing_dataset_id_to_contiguous_id={cat_id: 0}, evaluator_type="coco")
         try:
-            evaluator = _coco_evaluator_class()(name, tasks=tuple(tasks), distributed=False, output_dir=None,
-                                                max_dets_per_image=int(max_dets), **kwargs)
+            from .evaluation.cluster_evaluators import COCOEvaluatorWithAR
+
+            evaluator = COCOEvaluatorWithAR(name, tasks=tuple(tasks), distributed=False, output_dir=None,
+                                            max_dets_per_image=int(max_dets), **kwargs)
             evaluator.reset()
             evaluator._predictions = [{"image_id": i, "instances": by_image[i]} for i in ids]
             if not any(by_image.values()):  # the evaluator itself would return {} here

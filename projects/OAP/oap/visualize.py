@@ -10,7 +10,7 @@ Panels are ``(title, HxWx3 uint8)`` pairs for :func:`cast.visualize.save_panel_g
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -183,12 +183,9 @@ def class_agnostic_coco_dict(coco: dict) -> dict:
     convert = _prepare_script_converter()
     if convert is not None:
         return convert(coco, show_progress=False)
-    from hiseg.data.datasets.cls_agnostic import FG_CATEGORY
+    from ..pseudo_label_io import class_agnostic_coco
 
-    out = {k: v for k, v in coco.items() if k not in ("annotations", "categories")}
-    out["categories"] = [dict(FG_CATEGORY)]
-    out["annotations"] = [dict(a, category_id=FG_CATEGORY["id"]) for a in coco["annotations"]]
-    return out
+    return class_agnostic_coco(coco)
 
 
 def _quiet_coco(dataset: dict):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
