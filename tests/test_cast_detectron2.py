@@ -61,6 +61,12 @@ def _image_input(h=96, w=128, with_instances=False, with_sem_seg=False):
     return d
 
 
+def _assert_every_trainable_parameter_used(model):
+    """DDP without find_unused_parameters (detectron2's default) needs a gradient for each."""
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
 def test_semantic_segmentor_trains_and_infers():
     cfg = cfg_from("configs/CAST/semantic_fpn_cast_s_ade20k.yaml", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5,
                    "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32)
@@ -71,6 +77,7 @@ def test_semantic_segmentor_trains_and_infers():
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+    _assert_every_trainable_parameter_used(model)
     model.eval()
     with torch.no_grad():
         out = model([_image_input()])
@@ -85,6 +92,7 @@ def test_mask_rcnn_with_cast_fpn_trains_and_infers():
     assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls"} <= set(losses)
     sum(losses.values()).backward()
     assert model.backbone.bottom_up.encoder.blocks[0].attn.qkv.weight.grad is not None
+    _assert_every_trainable_parameter_used(model)
     model.eval()
     with torch.no_grad():
         out = model([_image_input()])

@@ -146,6 +146,9 @@ def test_training_steps_losses_finite_changing_teacher_moves(train_batch):
             needed = [n for n, p in model.student.named_parameters() if p.requires_grad and n.startswith(
                 ("transformer_decoder.", "query_proj.", "head.", "backbone.vit.blocks."))]
             assert set(needed) <= with_grad, sorted(set(needed) - with_grad)[:5]
+            # every trainable parameter takes part (DDP without find_unused_parameters)
+            unused = [n for n, p in model.student.named_parameters() if p.requires_grad and p.grad is None]
+            assert not unused, unused
             # the zero-initialised adapter (Sec. 4.3) starts as a no-op: its injector gates get a
             # gradient only once the extractors have written into the spatial-prior stream
             gate = "backbone.interactions.0.injector.gamma"
@@ -210,7 +213,11 @@ def test_cast_backbone_stands_in(train_batch):
     model.train()
     with EventStorage(0):
         losses = model(train_batch)
-    assert torch.isfinite(sum(losses.values()))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    unused = [n for n, p in model.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
     with pytest.raises(ValueError, match="key_features"):
         build_model(quick_cfg("MODEL.BACKBONE.NAME", "build_cast_backbone", "MODEL.CAST.EMBED_DIM", "48",
                               "MODEL.CAST.NUM_HEADS", "4"))

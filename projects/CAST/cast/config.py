@@ -28,6 +28,12 @@ def add_cast_config(cfg):
     c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row
     c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1
+    # True when only the dense outputs res2..res5 feed a loss (a detectron2 head on
+    # build_cast_backbone): freezes what they never read (class-token norm, last graph pooling)
+    # so that DDP needs no find_unused_parameters. build_cast_fpn_backbone, CAST's semantic
+    # meta-architectures and OAPSegmentor do this themselves; MoCo / classification read the
+    # class token and must keep it False.
+    c.DENSE_OUTPUTS_ONLY = False
 
     cfg.MODEL.MOCO = CN()  # MoCo-v3 pre-training (Table 11)
     cfg.MODEL.MOCO.DIM = 256

@@ -208,7 +208,7 @@ class CASTSemanticSegmentor(nn.Module):
         self.retrieval_num_segments = int(retrieval_num_segments)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self._freeze_unused()
+        self.backbone.freeze_unread_by_dense_outputs()
 
     @classmethod
     def from_config(cls, cfg):
@@ -227,14 +227,6 @@ class CASTSemanticSegmentor(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
-
-    def _freeze_unused(self):
-        enc = self.backbone.encoder
-        for p in enc.norm.parameters():  # class-token output norm: the class token is not read
-            p.requires_grad_(False)
-        if enc.pooling and len(enc.pools):  # last pooling: hierarchy read-out by argmax only
-            for p in enc.pools[-1].parameters():
-                p.requires_grad_(False)
 
     @property
     def device(self):

@@ -75,6 +75,20 @@ class CASTBackbone(Backbone):
     def size_divisibility(self) -> int:
         return 32
 
+    def freeze_unread_by_dense_outputs(self):
+        """Freeze what the dense outputs (res2..res5) never read: the class-token LayerNorm and
+        the last graph pooling (it only gives the hierarchy's coarsest level, by argmax). When
+        only the dense outputs feed a loss (FPN / Mask R-CNN, semantic heads, OAP) these never get
+        a gradient, and DistributedDataParallel without ``find_unused_parameters`` (detectron2's
+        default) would stop. Meta-architectures that read the class token (MoCo, classification)
+        must not call this."""
+        enc = self.encoder
+        frozen = list(enc.norm.parameters())
+        if enc.pooling and len(enc.pools):
+            frozen += list(enc.pools[-1].parameters())
+        for p in frozen:
+            p.requires_grad_(False)
+
     def output_shape(self):
         return {k: shape_spec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
                 for k in self._out_features}
@@ -131,6 +145,8 @@ def build_cast_backbone(cfg, input_shape=None):
         input_format=cfg.INPUT.FORMAT, test_num_segments=c.TEST_NUM_SEGMENTS)
     if c.FROZEN_STEM_CONV1:
         backbone.encoder.stem.proj[0].weight.requires_grad_(False)
+    if c.DENSE_OUTPUTS_ONLY:
+        backbone.freeze_unread_by_dense_outputs()
     return backbone
 
 
@@ -140,5 +156,6 @@ def build_cast_fpn_backbone(cfg, input_shape=None):
     from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
     bottom_up = build_cast_backbone(cfg, input_shape)
+    bottom_up.freeze_unread_by_dense_outputs()  # only res2..res5 reach the FPN
     return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
                norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)

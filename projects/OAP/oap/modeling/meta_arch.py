@@ -113,6 +113,8 @@ class OAPSegmentor(nn.Module):
         panoptic_on: bool = True,
     ):
         super().__init__()
+        if hasattr(network.backbone, "freeze_unread_by_dense_outputs"):  # CAST standing in for the ViT
+            network.backbone.freeze_unread_by_dense_outputs()
         self.student = network
         self.teacher = copy.deepcopy(network)
         for p in self.teacher.parameters():

@@ -352,6 +352,11 @@ class ViTAdapterBackbone(Backbone):
         if frozen:
             for p in self.vit.parameters():
                 p.requires_grad_(False)
+        # The ViT's final LayerNorm is not on the path to res2..res5 (it only normalises
+        # forward_tokens()): frozen, so that DDP without find_unused_parameters (detectron2's
+        # default) does not stop on a parameter that never gets a gradient.
+        for p in self.vit.norm.parameters():
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------
     def adapter_modules(self) -> List[nn.Module]:
