@@ -29,3 +29,22 @@ def test_config_loads_and_builds(path):
         with torch.no_grad():
             out = model.backbone.eval()(x)
         assert out["hierarchy"].shape[-2:] == (64, 64)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.split("configs/")[-1])
+def test_config_evaluators_exist(path):
+    """Every evaluator type a config asks for (globally or per dataset) is registered, and every
+    "<dataset>:<type>" entry names one of its test datasets."""
+    import hiseg.data  # noqa: F401  (registers the datasets)
+    from hiseg.engine.trainer import EVALUATOR_FACTORIES, evaluator_types
+
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(path)
+    for name in cfg.DATASETS.TEST:
+        for t in evaluator_types(cfg, name):
+            if t is None:
+                continue  # chosen by detectron2's own metadata (not ours)
+            assert t in EVALUATOR_FACTORIES, (name, t)
+    named = {e.rpartition(":")[0] for e in cfg.TEST.EVALUATORS if ":" in e}
+    assert named <= set(cfg.DATASETS.TEST), named - set(cfg.DATASETS.TEST)
