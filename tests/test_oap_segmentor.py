@@ -195,8 +195,16 @@ def test_inference_outputs(model, train_batch):
     # the chunked semantic argmax equals the dense (K, H, W) computation
     prob = torch.rand(4, 9, 11)
     codes = torch.randn(4, 16)
-    dense = torch.einsum("qk,qhw->khw", (codes / model.cluster_temp).softmax(-1), prob).argmax(0)
-    assert torch.equal(model._semantic(prob, codes, chunk=7), dense)
+    obj = torch.rand(4)
+    dense = torch.einsum("q,qk,qhw->khw", obj, (codes / model.cluster_temp).softmax(-1), prob).argmax(0)
+    assert torch.equal(model._semantic(prob, codes, obj, chunk=7), dense)
+    # a confident query outvotes several "no object" queries (Mask2Former drops no-object mass)
+    prob = torch.tensor([0.9, 0.5, 0.5, 0.5]).view(4, 1, 1).expand(4, 2, 2)
+    codes = torch.full((4, 16), -10.0)
+    codes[0, 3] = 10.0
+    codes[1:, 7] = 10.0
+    sem = model._semantic(prob, codes, torch.tensor([0.99, 0.01, 0.01, 0.01]))
+    assert torch.all(sem == 3)
     # before any training step the teacher is unset and inference uses the student
     assert model._inference_network() is model.student
 
@@ -340,3 +348,29 @@ def test_demo_writes_oap_pictures(tmp_path):
     # input + 5 OAP layers x 2 levels + instances, semantic, panoptic: 14 panels in rows of 3
     assert pic.size[0] > 3 * 128 and pic.size[1] > 5 * 85  # coffee: 128 x 85 at --max-size 128
     assert "13 panels" in proc.stdout  # besides the input
+
+
+def test_teacher_centre_counts_each_teacher_output_once(train_batch):
+    """DINO centres over the teacher's outputs of the batch: every OAP target once, however many
+    local views its cropped mask appears in."""
+    from oap.modeling.pseudo_targets import pseudo_mask_targets
+
+    torch.manual_seed(1)
+    model = build_model(quick_cfg())
+    model.train()
+    seen = {}
+    original = model.criterion.update_center
+
+    def record(codes):
+        seen["n"] = codes.shape[0]
+        return original(codes)
+
+    model.criterion.update_center = record
+    with EventStorage(0):
+        model(train_batch)
+    with torch.no_grad():
+        images = model._normalize(torch.stack([x["image"] for x in train_batch]))
+        pseudo = model.generator(model.teacher_feature_map(images))
+    expected = sum(len(t[name].masks) for p in pseudo for t in [pseudo_mask_targets(p)]
+                   for name in ("semantic", "instance"))
+    assert seen["n"] == expected

@@ -29,8 +29,9 @@ def add_oap_config(cfg):
     o.POOLING.W_F = 0.6
     o.POOLING.W_S = 0.4
     o.POOLING.VOTE_NORMALIZE = False
-    # At most this many targets per level and view (largest first). 0 = no limit. Matching is
-    # bipartite: targets beyond the number of queries of their level stay unmatched anyway.
+    # At most this many teacher masks per image and level (largest first), taken on the global
+    # view before cropping. 0 = no limit. Matching is bipartite: targets beyond the number of
+    # queries of their level stay unmatched anyway.
     o.POOLING.MAX_TARGETS = 0
     # A cropped teacher mask must keep at least this many pixels of the student's mask grid to be
     # a target ("pseudo-masks that do not overlap with the student local view are dropped").

@@ -436,7 +436,7 @@ class OAPCriterion(nn.Module):
         self.center.mul_(self.center_momentum)
         self.center.add_(batch_center.to(self.center.dtype), alpha=1.0 - self.center_momentum)
 
-    def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict, targets: List[Dict], center_codes: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Weighted losses of a batch of V student views.
 
         Args:
@@ -447,6 +447,9 @@ class OAPCriterion(nn.Module):
             targets: per view ``{"semantic": {"masks": (Ts, Hm, Wm) bool, "codes": (Ts, K)},
                 "instance": {"masks": (Ti, Hm, Wm) bool, "codes": (Ti, K)}}``, the teacher's
                 cropped pseudo-masks and teacher-head logits (no gradient is taken through them).
+            center_codes: ``(N, K)`` the teacher outputs the centre is updated with, each counted
+                once (DINO centres over the teacher's outputs of the batch). ``None``: the codes of
+                ``targets``, where a teacher mask seen by several views counts once per view.
 
         Returns:
             ``loss_mask``, ``loss_dice``, ``loss_objectness``, ``loss_sd`` and, with deep
@@ -468,5 +471,7 @@ class OAPCriterion(nn.Module):
                 losses.update(self._layer_losses(layer, per_view, aux_indices, num_masks, f"_{j}"))
 
         if self.training:
-            self.update_center(torch.cat([codes.to(self.center.device, torch.float32) for _, codes, _, _ in per_view]))
+            if center_codes is None:
+                center_codes = torch.cat([codes for _, codes, _, _ in per_view])
+            self.update_center(center_codes.detach().to(self.center.device, torch.float32))
         return losses

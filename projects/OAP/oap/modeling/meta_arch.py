@@ -284,7 +284,9 @@ class OAPSegmentor(nn.Module):
             for v in range(n_views[b]):
                 targets.append({name: {"masks": per_level[name][v][0], "codes": per_level[name][v][1]}
                                 for name in LEVELS})
-        losses = self.criterion(outputs, targets)
+        # DINO's centre: over the teacher's outputs of the batch, each once (not once per view)
+        center_codes = torch.cat([c for name in LEVELS for c in codes[name]])
+        losses = self.criterion(outputs, targets, center_codes=center_codes)
         storage.put_scalar("oap/teacher_momentum", m, smoothing_hint=False)
         storage.put_scalar("oap/teacher_seconds", teacher_time)  # teacher encoder + OAP + head
         storage.put_scalar("oap/pooling_seconds", pool_time)  # OAP alone
@@ -323,7 +325,7 @@ class OAPSegmentor(nn.Module):
         if self.instance_on:
             res["instances"] = self._instances(prob[s:s + i], obj[s:s + i], clusters[s:s + i])
         if self.semantic_on:
-            res["sem_seg_clusters"] = self._semantic(prob[:s], codes[:s])
+            res["sem_seg_clusters"] = self._semantic(prob[:s], codes[:s], obj[:s])
         if self.panoptic_on:
             res["panoptic_seg"] = self._panoptic(prob, obj, clusters)
         return res
@@ -345,11 +347,13 @@ class OAPSegmentor(nn.Module):
         inst.pred_clusters = clusters[top]
         return inst
 
-    def _semantic(self, prob, codes, chunk: int = 65536) -> torch.Tensor:
-        """Cluster of each pixel: argmax_c sum_q p(c | q) m_q (Mask2Former's semantic inference with
-        the prototype distribution p(c | q) = softmax(code_q / tau_t) in place of class scores),
-        computed in pixel chunks so that the (K, H, W) score volume is never stored."""
-        p = (codes / self.cluster_temp).softmax(-1)  # (S, K)
+    def _semantic(self, prob, codes, obj, chunk: int = 65536) -> torch.Tensor:
+        """Cluster of each pixel: argmax_c sum_q o_q p(c | q) m_q. This is Mask2Former's semantic
+        inference (class probabilities without no-object, times masks) with the class
+        probability of cluster c taken as objectness o_q times the prototype distribution
+        p(c | q) = softmax(code_q / tau_t), so that queries trained as "no object" hardly vote.
+        Computed in pixel chunks so that the (K, H, W) score volume is never stored."""
+        p = (codes / self.cluster_temp).softmax(-1) * obj[:, None]  # (S, K)
         h, w = prob.shape[-2:]
         flat = prob.flatten(1)  # (S, HW)
         out = torch.empty(h * w, dtype=torch.long, device=prob.device)
