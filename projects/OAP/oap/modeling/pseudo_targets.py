@@ -35,7 +35,8 @@ def _first_unique_rows(flat: torch.Tensor) -> torch.Tensor:
     """Indices of the first occurrence of every distinct row of ``flat`` (T, N), in order."""
     if flat.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=flat.device)
-    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    # uint8 rows: unique over rows of bool tensors is not implemented on every device
+    _, inverse = torch.unique(flat.to(torch.uint8), dim=0, return_inverse=True)
     t = flat.shape[0]
     first = torch.full((int(inverse.max()) + 1,), t, dtype=torch.long, device=flat.device)
     first = first.scatter_reduce(0, inverse, torch.arange(t, device=flat.device), reduce="amin")
