@@ -1,7 +1,11 @@
 """Superpixels: the level-0 segments S_0 of CAST (Sec. 3.1, Appx. A.2).
 
 SEEDS (Bergh et al. 2012) through OpenCV ``ximgproc`` is the default, SLIC (scikit-image) the
-alternative of Table 7. Settings follow the authors' released code: SEEDS runs on the augmented
+alternative of Table 7. ``slic_torch`` is SLIC in PyTorch (:mod:`cast.superpixels_torch`): it
+runs batched on the images' device, so :func:`compute_superpixels_batch` (the backbone's path
+when it is given only images) makes S_0 for a whole batch on the GPU in one call.
+
+Settings follow the authors' released code: SEEDS runs on the augmented
 uint8 RGB image converted to LAB, with ``num_levels=1, prior=2, double_step=False``;
 ``histogram_bins=15`` and 20 iterations for MoCo training, 5 bins and 15 iterations for
 supervised and dense training; 196 superpixels at 224x224 and ``H*W/16^2`` for dense tasks.
@@ -14,11 +18,14 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SuperpixelConfig", "compute_superpixels", "grid_superpixels", "relabel_consecutive",
-           "num_superpixels_for", "to_rgb_uint8"]
+           "num_superpixels_for", "to_rgb_uint8", "compute_superpixels_batch", "METHODS"]
+
+METHODS = ("seeds", "slic", "slic_torch", "grid")
 
 # SEEDS in OpenCV hangs or crashes on very small images or blocks of a few pixels (measured:
 # 16x16 asking for 196 never returns; 9x200 segfaults). Below these limits we fall back to a
@@ -31,7 +38,7 @@ _SEEDS_MIN_BLOCK_AREA = 64
 class SuperpixelConfig:
     """How to compute S_0. ``num_superpixels <= 0`` means ``H*W / pixels_per_superpixel``."""
 
-    method: str = "seeds"  # "seeds" | "slic" | "grid"
+    method: str = "seeds"  # "seeds" | "slic" | "slic_torch" | "grid"
     num_superpixels: int = 196
     pixels_per_superpixel: int = 256  # 16^2: one superpixel per ViT-B/16 patch (dense tasks)
     histogram_bins: int = 15
@@ -40,6 +47,7 @@ class SuperpixelConfig:
     num_levels: int = 1
     double_step: bool = False
     slic_compactness: float = 10.0
+    slic_iterations: int = 10  # SLIC's default (skimage's max_num_iter); "slic_torch" only
 
     @classmethod
     def from_cfg(cls, cfg_sp):
@@ -139,8 +147,11 @@ def compute_superpixels(image_rgb: np.ndarray, cfg: SuperpixelConfig = Superpixe
         labels = slic(image_rgb, n_segments=n, compactness=cfg.slic_compactness, start_label=0,
                       channel_axis=-1)
         return relabel_consecutive(labels)
+    if method == "slic_torch":
+        x = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)[None]
+        return _slic_torch(x, n, cfg)[0].numpy()
     if method != "seeds":
-        raise ValueError(f"unknown superpixel method {cfg.method!r}: use 'seeds', 'slic' or 'grid'")
+        raise ValueError(f"unknown superpixel method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if min(h, w) < _SEEDS_MIN_SIDE:
         logger.debug("image %dx%d too small for SEEDS; using a regular grid", h, w)
         return grid_superpixels(h, w, min(n, max(1, h * w // _SEEDS_MIN_BLOCK_AREA)))
@@ -150,3 +161,27 @@ def compute_superpixels(image_rgb: np.ndarray, cfg: SuperpixelConfig = Superpixe
         w, h, 3, n, cfg.num_levels, cfg.prior, cfg.histogram_bins, cfg.double_step)
     seeds.iterate(lab, cfg.iterations)
     return relabel_consecutive(seeds.getLabels())
+
+
+def _slic_torch(images: torch.Tensor, n: int, cfg: SuperpixelConfig) -> torch.Tensor:
+    from .superpixels_torch import slic_torch
+
+    return slic_torch(images, n, compactness=cfg.slic_compactness, iterations=cfg.slic_iterations)
+
+
+@torch.no_grad()
+def compute_superpixels_batch(images: torch.Tensor, cfg: SuperpixelConfig = SuperpixelConfig()) -> torch.Tensor:
+    """Superpixel label maps (B, H, W) int64 on ``images.device`` for (B, 3, H, W) uint8 RGB images.
+
+    ``slic_torch`` runs once for the whole batch on the images' device; the other methods run
+    :func:`compute_superpixels` image by image on the CPU.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"compute_superpixels_batch expects (B, 3, H, W) uint8 RGB, got "
+                         f"{tuple(images.shape)} {images.dtype}")
+    h, w = images.shape[-2:]
+    if cfg.method == "slic_torch":
+        return _slic_torch(images, num_superpixels_for(h, w, cfg), cfg)
+    img = images.permute(0, 2, 3, 1).cpu().numpy()
+    maps = [compute_superpixels(np.ascontiguousarray(im), cfg) for im in img]
+    return torch.from_numpy(np.stack(maps)).to(images.device)

@@ -12,19 +12,18 @@ Outputs, for any Detectron2 meta-architecture:
 
 Superpixels: pass them (``forward(x, superpixels=...)``, computed by ``CASTDatasetMapper`` after
 augmentation); when a meta-architecture passes only images, the backbone de-normalises the batch
-and computes them itself on the CPU.
+and computes them itself: on the CPU, or on the model's device with ``METHOD: slic_torch``.
 """
 import logging
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
 
 from hiseg.compat import shape_spec
 
-from ..superpixels import SuperpixelConfig, compute_superpixels, patch_superpixels
+from ..superpixels import SuperpixelConfig, compute_superpixels_batch, patch_superpixels
 from .encoder import CASTEncoder
 from .segment_ops import segment_to_grid_matrix
 
@@ -96,17 +95,18 @@ class CASTBackbone(Backbone):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def superpixels_from_images(self, x: torch.Tensor) -> torch.Tensor:
-        """De-normalise a batch and compute S_0 per image on the CPU ((B, H, W) int64)."""
+        """De-normalise a batch and compute S_0 ((B, H, W) int64 on ``x.device``): per image on the
+        CPU, or for the whole batch on ``x.device`` with ``MODEL.CAST.SUPERPIXEL.METHOD:
+        slic_torch``."""
         h, w = x.shape[-2:]
         if self.tokens == "patch":
             sp = torch.from_numpy(patch_superpixels(h, w, self.patch_size))
             return sp.to(x.device).expand(x.shape[0], -1, -1).contiguous()
         img = (x * self.pixel_std + self.pixel_mean).clamp(0, 255).round().byte()
-        img = img.permute(0, 2, 3, 1).cpu().numpy()
         if self.input_format == "BGR":
-            img = img[..., ::-1]
-        maps = [compute_superpixels(np.ascontiguousarray(im), self.superpixel_cfg) for im in img]
-        return torch.from_numpy(np.stack(maps)).to(x.device)
+            img = img.flip(1)
+        # METHOD slic_torch: the whole batch in one call on x.device; others: per image on the CPU
+        return compute_superpixels_batch(img, self.superpixel_cfg)
 
     def forward(self, x: torch.Tensor, superpixels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         if superpixels is None:
