@@ -26,13 +26,8 @@ QUICK = "configs/CAST/quick/segmenter_cast_tiny_voc_cpu.yaml"
 SP_CFG = SuperpixelConfig(num_superpixels=0, pixels_per_superpixel=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one intra-op thread is faster (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(*opts, path=QUICK):

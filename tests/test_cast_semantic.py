@@ -24,13 +24,8 @@ from train_check import sgd_steps
 QUICK = "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one intra-op thread is faster (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(*opts, path=QUICK):
