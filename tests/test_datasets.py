@@ -6,7 +6,6 @@ Two tests check a fresh interpreter (detectron2 reads ``$DETECTRON2_DATASETS`` o
 started in the background by an autouse fixture; the prepare scripts otherwise run in-process
 through their ``main(argv)``.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,18 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from expectations import load_script
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    """Import ``datasets/<name>.py`` as a module (the folder is not a package)."""
-    path = REPO / "datasets" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_hiseg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class FreshInterpreter:

@@ -13,7 +13,6 @@
 """
 import contextlib
 import copy
-import importlib.util
 import io
 import itertools
 import json
@@ -28,6 +27,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from expectations import expected_pq, load_script
 from oap.evaluation import (
     ClassAgnosticCOCOEvaluator,
     ClusterCOCOEvaluator,
@@ -52,14 +52,6 @@ def _unique(stem):
 def _quiet(fn, *args, **kwargs):
     with contextlib.redirect_stdout(io.StringIO()):
         return fn(*args, **kwargs)
-
-
-def _load_script(name):
-    path = REPO / "datasets" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_oap_test_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @contextlib.contextmanager
@@ -261,7 +253,7 @@ def pycocotools_class_agnostic(coco, kept):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    agnostic = _load_script("prepare_cls_agnostic_coco").make_class_agnostic(
+    agnostic = load_script("prepare_cls_agnostic_coco").make_class_agnostic(
         coco.dataset, show_progress=False
     )
     gt = _quiet(COCO)
@@ -410,32 +402,6 @@ def panoptic_pairs(base, gt_json, cluster_of, edit=None):
     return pairs
 
 
-def expected_pq(gt_json, categories, moved_from=None, moved_to=None):
-    """PQ and RQ (in %) when every GT segment is predicted exactly except one non-crowd segment
-    of ``moved_from``, predicted as ``moved_to``: one FN of ``moved_from``, one FP of
-    ``moved_to`` (the segment touches neither void nor a crowd region of ``moved_to``).
-    Exact segments have IoU 1, so PQ_c = RQ_c = TP / (TP + FP/2 + FN/2); crowd segments are
-    neither matched nor counted; panopticapi averages over the categories with TP + FP + FN > 0."""
-    tp, fp, fn = {}, {}, {}
-    for ann in gt_json["annotations"]:
-        for s in ann["segments_info"]:
-            if not s["iscrowd"]:
-                tp[s["category_id"]] = tp.get(s["category_id"], 0) + 1
-    if moved_from is not None:
-        tp[moved_from] -= 1
-        fn[moved_from] = fn.get(moved_from, 0) + 1
-        fp[moved_to] = fp.get(moved_to, 0) + 1
-    isthing = {c["id"]: bool(c["isthing"]) for c in categories}
-    pq = {c: tp.get(c, 0) / (tp.get(c, 0) + 0.5 * fp.get(c, 0) + 0.5 * fn.get(c, 0))
-          for c in set(tp) | set(fp) | set(fn)}  # fmt: skip
-
-    def mean(th=None):
-        vals = [v for c, v in pq.items() if th is None or isthing[c] == th]
-        return 100.0 * sum(vals) / len(vals)
-
-    return {"PQ": mean(), "RQ": mean(), "PQ_th": mean(True), "PQ_st": mean(False)}
-
-
 def _cluster_of(categories, k, seed):
     perm = np.random.default_rng(seed).permutation(k)
     return {c["id"]: int(perm[i]) for i, c in enumerate(categories)}
@@ -476,7 +442,7 @@ def test_panoptic_cluster_one_segment_moved(panoptic_sample):
             if img == image_id and s["id"] == segment_id:
                 s["category_id"] = cluster_of[horse]
 
-    want = expected_pq(gt_json, categories, moved_from=person, moved_to=horse)
+    want = expected_pq(gt_json, moved_from=person, moved_to=horse, categories=categories)
     assert want["PQ"] < 100.0 and want["PQ_st"] == 100.0
     for method in ("hungarian", "majority"):
         evaluator = ClusterPanopticEvaluator(PANOPTIC, k, method)
@@ -612,7 +578,7 @@ def test_sem_seg_cluster_coco_stuff27_from_panoptic_sample(panoptic_sample, tmp_
     from hiseg.data.datasets.coco_stuff27 import IGNORE_LABEL, STUFF27_CLASSES, category_to_label
 
     base, gt_json, categories = panoptic_sample
-    prep = _load_script("prepare_coco_stuff27")
+    prep = load_script("prepare_coco_stuff27")
     cat_to_label = category_to_label(categories)
     gt_dir = tmp_path / "stuff27"
     gt_dir.mkdir()

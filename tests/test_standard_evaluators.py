@@ -20,6 +20,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from expectations import expected_pq
 from hiseg.compat import coco_evaluator_kwargs
 
 COCO_NAME = "hiseg_test_coco_val_sample"
@@ -187,42 +188,6 @@ def run_panoptic_evaluator(pairs):
     return _quiet(evaluator.evaluate)["panoptic_seg"]
 
 
-def expected_pq(gt_json, moved_from=None, moved_to=None):
-    """PQ / PQ_th / PQ_st (in %) when every segment is predicted exactly, except that one
-    non-crowd GT segment of category ``moved_from`` is predicted as ``moved_to``.
-
-    Exact segments have IoU 1, so for a category, PQ_c = SQ_c * RQ_c = 1 * TP / (TP + FP/2 + FN/2).
-    The moved segment is one FN of ``moved_from`` and one FP of ``moved_to`` (it does not overlap
-    void or a crowd region of ``moved_to``). Crowd GT segments are never matched and a prediction
-    on them is ignored, so a category seen only in crowd segments has no TP/FP/FN and, like a
-    category absent from both, is left out of the mean (panopticapi's ``pq_average``).
-    """
-    cats = {c["id"]: c for c in gt_json["categories"]}
-    tp, fp, fn = {}, {}, {}
-    for ann in gt_json["annotations"]:
-        for s in ann["segments_info"]:
-            if not s["iscrowd"]:
-                tp[s["category_id"]] = tp.get(s["category_id"], 0) + 1
-    if moved_from is not None:
-        tp[moved_from] -= 1
-        fn[moved_from] = 1
-        fp[moved_to] = 1
-    pq, sq = {}, {}
-    for c in set(tp) | set(fp) | set(fn):
-        t, p, n = tp.get(c, 0), fp.get(c, 0), fn.get(c, 0)
-        pq[c] = t / (t + 0.5 * p + 0.5 * n)  # = RQ_c, since SQ_c is 1 (or 0 without TP)
-        sq[c] = 1.0 if t else 0.0
-
-    def mean(values, isthing=None):
-        vals = [
-            v for c, v in values.items() if isthing is None or bool(cats[c]["isthing"]) == isthing
-        ]
-        return 100.0 * sum(vals) / len(vals)
-
-    return {
-        "PQ": mean(pq), "SQ": mean(sq), "RQ": mean(pq),
-        "PQ_th": mean(pq, True), "PQ_st": mean(pq, False),
-    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
