@@ -56,13 +56,20 @@ def _load_script():
 script = _load_script()
 
 
+def _copy_writable(src, dst):
+    """Copy a tree, its folders made writable (the shared data may be read-only)."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(dst):
+        os.chmod(folder, 0o755)
+
+
 @pytest.fixture(scope="module")
 def cs(shared_data, tmp_path_factory):
     """(datasets root, cityscapes root, the written JSON) for the one real val frame."""
     root = tmp_path_factory.mktemp("d2_datasets")
     src = Path(shared_data) / "cityscapes_sample"
     for sub in ("leftImg8bit", "gtFine"):
-        shutil.copytree(src / sub, root / "cityscapes" / sub)
+        _copy_writable(src / sub, root / "cityscapes" / sub)
     out = _quiet(script.main, ["--root", str(root), "--split", "val"])
     return root, root / "cityscapes", out["val"]
 
@@ -188,7 +195,7 @@ def test_crowd_void_and_mismatch_on_a_hand_made_frame():
 def test_existing_pngs_are_kept_unless_overwrite(cs, tmp_path):
     _, city_root, panoptic = cs
     root = tmp_path / "d"
-    shutil.copytree(city_root, root / "cityscapes")
+    _copy_writable(city_root, root / "cityscapes")
     png = root / "cityscapes/gtFine/cityscapes_panoptic_val" / f"{FRAME}_gtFine_panoptic.png"
     os.utime(png, (1, 1))
     again = _quiet(script.main, ["--root", str(root), "--split", "val"])["val"]
