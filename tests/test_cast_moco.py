@@ -95,3 +95,38 @@ def test_main_job_runs(shared_data, tmp_path):
     assert "| CAST (ours, main job) |" in out.stdout and "| SEEDS superpixels alone |" in out.stdout
     assert "| ViT + K-means (Appx. D.4) |" in out.stdout
     assert (tmp_path / "model_final.pth").exists() and (tmp_path / "vit" / "model_final.pth").exists()
+
+
+def test_slic_torch_superpixels_come_from_the_model_not_the_mappers():
+    """MODEL.CAST.SUPERPIXEL.METHOD slic_torch: mappers leave S_0 out and CASTMoCo computes it
+    for the whole batch on its device, the same maps the mapper would have made."""
+    from cast.data_mapper import CASTDatasetMapper
+    from cast.moco_mapper import MoCoTwoViewMapper
+    from cast.superpixels import SuperpixelConfig, compute_superpixels
+    from cast.superpixels_torch import slic_torch
+
+    cfg = make_cfg("MODEL.CAST.SUPERPIXEL.METHOD", "slic_torch")
+    d = MoCoTwoViewMapper(cfg, True)(DatasetCatalog.get("skimage_natural_images")[0])
+    assert "view1" in d and not any(k.startswith("superpixels") for k in d)
+    dense = CASTDatasetMapper(cfg, False)(DatasetCatalog.get("skimage_natural_images")[0])
+    assert "image" in dense and "superpixels" not in dense
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = [MoCoTwoViewMapper(cfg, True)(x) for x in DatasetCatalog.get("skimage_natural_images")[:2]]
+    seen = []
+    original = model.backbone.encoder.forward
+
+    def spy(images, superpixels, *args, **kwargs):
+        seen.append(superpixels)
+        return original(images, superpixels, *args, **kwargs)
+
+    model.backbone.encoder.forward = spy
+    with EventStorage():
+        loss = model(batch)["loss_moco"]
+    assert torch.isfinite(loss)
+    view1 = torch.stack([x["view1"] for x in batch])
+    expected = slic_torch(view1, SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL).num_superpixels)
+    assert torch.equal(seen[0].cpu(), expected)
+    cpu = compute_superpixels(batch[0]["view1"].permute(1, 2, 0).numpy(), SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL))
+    assert np.array_equal(cpu, expected[0].numpy())

@@ -94,6 +94,8 @@ class CASTClassificationMapper:
         self.transform = build_cls_transforms(cfg, is_train)
         self.image_format = cfg.INPUT.FORMAT
         self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL) if needs_superpixels(cfg) else None
+        if self.superpixel_cfg is not None and self.superpixel_cfg.on_model_device:
+            self.superpixel_cfg = None  # slic_torch: the model computes S_0 on its device
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)

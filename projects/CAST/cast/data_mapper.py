@@ -39,7 +39,8 @@ class CASTDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         out = super().__call__(copy.deepcopy(dataset_dict))
-        out["superpixels"] = superpixels_for_image_tensor(out["image"], self.image_format, self.superpixel_cfg)
+        if not self.superpixel_cfg.on_model_device:  # slic_torch: the model computes them on its device
+            out["superpixels"] = superpixels_for_image_tensor(out["image"], self.image_format, self.superpixel_cfg)
         return out
 
 

@@ -126,6 +126,16 @@ class CASTMoCo(nn.Module):
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * comm.get_rank()
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
+    def _view_superpixels(self, batched_inputs, k: int, images: torch.Tensor):
+        """S_0 of view ``k``: from the mapper, or (``slic_torch``, or a mapper that gave none)
+        computed for the whole batch on the model's device. The ViT needs none."""
+        if not self.is_cast:
+            return None
+        key = f"superpixels{k}"
+        if all(key in d for d in batched_inputs):
+            return torch.stack([d[key] for d in batched_inputs]).to(self.device)
+        return self.backbone.superpixels_from_images(images)
+
     def _embed(self, backbone, projector, images, sps):
         if self.is_cast:
             return projector(backbone.encoder(images, sps)["cls"])
@@ -135,7 +145,7 @@ class CASTMoCo(nn.Module):
         if not self.training:
             return self.inference(batched_inputs)
         x1, x2 = (self._normalize([d[f"view{k}"] for d in batched_inputs]) for k in (1, 2))
-        s1, s2 = (torch.stack([d[f"superpixels{k}"] for d in batched_inputs]).to(self.device) for k in (1, 2))
+        s1, s2 = (self._view_superpixels(batched_inputs, k, x) for k, x in ((1, x1), (2, x2)))
         it = get_event_storage().iter
         m = moco_momentum(self.base_momentum, it, self.max_iter)
         q1 = self.predictor(self._embed(self.backbone, self.projector, x1, s1))

@@ -64,8 +64,8 @@ class MoCoTwoViewMapper:
             img = Image.fromarray(to_rgb_uint8(np.asarray(im)))
         for k, tf in enumerate(self.views, start=1):
             view = np.ascontiguousarray(np.asarray(tf(img)))
-            sp = compute_superpixels(view, self.superpixel_cfg)
             arr = view[:, :, ::-1] if self.image_format == "BGR" else view
             d[f"view{k}"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            d[f"superpixels{k}"] = torch.from_numpy(sp)
+            if not self.superpixel_cfg.on_model_device:  # slic_torch: computed by the model
+                d[f"superpixels{k}"] = torch.from_numpy(compute_superpixels(view, self.superpixel_cfg))
         return d

@@ -49,6 +49,13 @@ class SuperpixelConfig:
     slic_compactness: float = 10.0
     slic_iterations: int = 10  # SLIC's default (skimage's max_num_iter); "slic_torch" only
 
+    @property
+    def on_model_device(self) -> bool:
+        """``slic_torch``: the model computes S_0 for the whole batch on its device (after the
+        data mappers, which then leave ``superpixels`` out); the other methods run per image on
+        the CPU in the mappers."""
+        return self.method == "slic_torch"
+
     @classmethod
     def from_cfg(cls, cfg_sp):
         return cls(
