@@ -244,3 +244,13 @@ def test_cuda_matches_cpu():
         _check_label_map(o.numpy())
     # CUDA and CPU may differ in the last bit of pow(); after LAB rounding they agree (almost surely)
     assert (gpu.cpu() == cpu).float().mean() > 0.99
+
+
+def test_grid_superpixels_share_slics_grid_on_thin_images():
+    from cast.superpixels import grid_superpixels
+
+    for h, w in ((50, 1), (1, 50), (224, 224), (33, 17)):
+        labels = grid_superpixels(h, w, 10 if min(h, w) == 1 else 49)
+        rows, cols = grid_shape(h, w, 10 if min(h, w) == 1 else 49)
+        assert len(np.unique(labels)) == rows * cols
+    assert len(np.unique(grid_superpixels(50, 1, 10))) == 10

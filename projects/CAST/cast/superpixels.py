@@ -119,9 +119,9 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
 
 def grid_superpixels(height: int, width: int, num: int) -> np.ndarray:
     """A regular grid of about ``num`` near-square cells (also the 'patch tokens' of Table 3a)."""
-    num = max(1, min(int(num), height * width))
-    rows = max(1, min(height, int(round(np.sqrt(num * height / width)))))
-    cols = max(1, min(width, int(round(num / rows))))
+    from .superpixels_torch import grid_shape  # the same grid SLIC starts from
+
+    rows, cols = grid_shape(height, width, num)
     r = np.minimum((np.arange(height) * rows) // height, rows - 1)
     c = np.minimum((np.arange(width) * cols) // width, cols - 1)
     return relabel_consecutive(r[:, None] * cols + c[None, :])
