@@ -254,3 +254,34 @@ def test_to_rgb_uint8_conversions():
         to_rgb_uint8(np.zeros((2, 2, 5)))
     with pytest.raises(ValueError, match="uint8 RGB"):
         compute_superpixels(np.zeros((8, 8), np.uint8))
+
+
+def test_learned_position_embedding_does_not_depend_on_batch_padding():
+    """A learned grid embedding is resized to each image's own extent, not the padded grid."""
+    enc = tiny_encoder(pos_embed="learned")
+    with torch.no_grad():
+        enc.pos_embed.normal_()
+    sp_small = torch.from_numpy(grid_superpixels(40, 56, 12))
+    sp_big = torch.from_numpy(grid_superpixels(64, 96, 30))
+    padded = torch.full((64, 96), -1, dtype=torch.long)
+    padded[:40, :56] = sp_small
+    alone = enc.position_encoding_batch(sp_small[None], (5, 7))  # stride-8 grid of 40 x 56
+    both = enc.position_encoding_batch(torch.stack([padded, sp_big]), (8, 12))
+    grid = both.view(2, 8, 12, -1)
+    assert torch.equal(grid[0, :5, :7].reshape(1, 35, -1), alone)
+    assert torch.all(grid[0, 5:] == 0) and torch.all(grid[0, :, 7:] == 0)
+    assert torch.equal(both[1:], enc.position_encoding((8, 12), sp_big.device)[None])
+    # whole model: the small image alone vs padded next to a larger one (the stem sees the
+    # padding at the border only)
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 3, 64, 96)
+    x[0, :, :40, :56] = torch.randn(3, 40, 56, generator=g)
+    x[1] = torch.randn(3, 64, 96, generator=g)
+    with torch.no_grad():
+        one = enc(x[:1, :, :40, :56], sp_small[None])["cls"][0]
+        two = enc(x, torch.stack([padded, sp_big]))["cls"][0]
+        # the embedding resized to the padded grid, as before: positions shift with the padding
+        enc.position_encoding_batch = lambda sp, grid: enc.position_encoding(grid, sp.device)[None]
+        shifted = enc(x, torch.stack([padded, sp_big]))["cls"][0]
+    assert (one - two).abs().max() < 0.2  # measured 0.11 (stem border; sin-cos: 0.03)
+    assert (one - shifted).abs().max() > 10 * (one - two).abs().max()  # measured 4.0

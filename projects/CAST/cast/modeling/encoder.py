@@ -112,6 +112,32 @@ class CASTEncoder(nn.Module):
             pe = pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
         return pe[0]
 
+    def position_encoding_batch(self, superpixels: torch.Tensor, grid) -> torch.Tensor:
+        """E_pos of each image on the stem grid, ``(B or 1, h*w, D)``.
+
+        The sin-cos encoding is a function of the absolute cell position, so one table serves
+        every image. A learned grid embedding is resized to each image's own (unpadded) extent
+        on the stem grid and placed at its top-left, zero on padding cells: an image gets the
+        same encoding alone or padded in a batch (resizing it to the padded grid would shift
+        every position with the padding)."""
+        device = superpixels.device
+        if self.pos_embed_type == "sincos":
+            return self.position_encoding(grid, device).unsqueeze(0)
+        b, height, width = superpixels.shape
+        h, w = int(grid[0]), int(grid[1])
+        valid = superpixels >= 0
+        last_row = (valid.any(2) * torch.arange(1, height + 1, device=device)).amax(1)
+        last_col = (valid.any(1) * torch.arange(1, width + 1, device=device)).amax(1)
+        gh = (last_row * h + height - 1).div(height, rounding_mode="floor").clamp(1, h)
+        gw = (last_col * w + width - 1).div(width, rounding_mode="floor").clamp(1, w)
+        if bool((gh == h).all() and (gw == w).all()):
+            return self.position_encoding((h, w), device).unsqueeze(0)
+        out = self.pos_embed.new_zeros(b, h, w, self.embed_dim)
+        for a, c in torch.unique(torch.stack([gh, gw], 1), dim=0).tolist():
+            idx = ((gh == a) & (gw == c)).nonzero().flatten()
+            out[idx, :a, :c] = self.position_encoding((a, c), device).view(a, c, -1)
+        return out.flatten(1, 2)
+
     def segment_tokens(self, images: torch.Tensor, superpixels: torch.Tensor):
         """Z_0 = [X_class; X_s] + [0; E_pos] (Sec. 3.1). Returns cls (B,1,D), tokens, valid."""
         feats = self.stem(images)  # (B, D, h, w)
@@ -119,8 +145,8 @@ class CASTEncoder(nn.Module):
         n = int(count_segments(superpixels).max())
         mat, valid = grid_to_segment_matrix(superpixels, n, (h, w), self.token_pool_mode)
         grid_feats = feats.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        pos = self.position_encoding((h, w), feats.device).to(feats.dtype)
-        tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos.unsqueeze(0))
+        pos = self.position_encoding_batch(superpixels, (h, w)).to(feats.dtype)
+        tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos)
         cls = self.cls_token.expand(b, -1, -1) + self.pe_token
         return cls, tokens, valid
 
