@@ -403,7 +403,7 @@ def slic_torch(images: torch.Tensor, num_superpixels: Optional[int] = None, comp
         # the grid padded by one missing cell: infinite colour (never chosen, even when m = 0)
         c32 = torch.cat([torch.nn.functional.pad(c32[:, :3], (1, 1, 1, 1), value=float("inf")),
                          torch.nn.functional.pad(c32[:, 3:], (1, 1, 1, 1), value=-far)], dim=1)
-        best = choice = None
+        best = None
         for j, (oy, ox) in enumerate(offsets):
             c = c32[:, :, 1 + oy:1 + oy + rows, 1 + ox:1 + ox + cols]  # (B, 5, R, C)
             cl, ca, cb, cy, cx = (c[:, i].reshape(b, rows, 1, cols, 1) for i in range(5))

@@ -35,7 +35,6 @@ def compose_hierarchy(superpixels: torch.Tensor, assignments: Sequence[torch.Ten
         (B, L+1, H, W) int64 label maps; level l's labels index level l's tokens. Nested by
         construction: two pixels in one level-l segment share every coarser segment.
     """
-    b = superpixels.shape[0]
     flat = superpixels.flatten(1)
     keep = flat >= 0
     maps = [superpixels]
