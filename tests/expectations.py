@@ -1,8 +1,24 @@
-"""Hand-derived expectations and script loading shared by the evaluator tests."""
+"""Hand-derived expectations, script loading and temporary dataset registration shared by the
+evaluator and dataset tests."""
+import contextlib
 import importlib.util
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def registered_dataset(name, loader, **metadata):
+    """``name`` registered in detectron2's catalogs for the ``with`` block, removed afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+    try:
+        yield name
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def load_script(name):

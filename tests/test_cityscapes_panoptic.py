@@ -15,7 +15,6 @@ Plus a hand-made frame for the crowd (group label) and void rules, and the skip 
 behaviour of the script.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -32,6 +31,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from detectron2.data.datasets.cityscapes_panoptic import load_cityscapes_panoptic
+from expectations import load_script, registered_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = "cityscapes_fine_panoptic_val"
@@ -45,15 +45,7 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _load_script():
-    path = REPO / "datasets" / "prepare_cityscapes_panoptic.py"
-    spec = importlib.util.spec_from_file_location("_test_prepare_cityscapes_panoptic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script("prepare_cityscapes_panoptic")
 
 
 def _copy_writable(src, dst):
@@ -97,15 +89,8 @@ def _registered_copy(city_root):
     gt_json = str(city_root / "gtFine" / "cityscapes_panoptic_val.json")
     meta.update(image_root=image_dir, panoptic_root=gt_dir, panoptic_json=gt_json,
                 gt_dir=str(city_root / "gtFine" / "val"))  # fmt: skip
-    DatasetCatalog.register(
-        name, lambda: load_cityscapes_panoptic(image_dir, gt_dir, gt_json, meta)
-    )
-    MetadataCatalog.get(name).set(**meta)
-    try:
+    with registered_dataset(name, lambda: load_cityscapes_panoptic(image_dir, gt_dir, gt_json, meta), **meta):
         yield name
-    finally:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
 
 
 def test_builtin_dataset_loads_the_files(cs):

@@ -27,7 +27,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
-from expectations import expected_pq, load_script
+from expectations import expected_pq, load_script, registered_dataset
 from oap.evaluation import (
     ClassAgnosticCOCOEvaluator,
     ClusterCOCOEvaluator,
@@ -54,15 +54,6 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _registered(name, loader, **metadata):
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-    try:
-        yield name
-    finally:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
 
 
 def _run(evaluator, pairs):
@@ -321,7 +312,7 @@ def test_coco_class_agnostic(coco_sample, tmp_path):
     json_file.write_text(json.dumps(agnostic))
     one = _unique("cls_agnostic")
     meta = cls_agnostic_metadata(str(json_file), str(tmp_path))
-    with _registered(one, lambda: [], **meta):
+    with registered_dataset(one, lambda: [], **meta):
         ev1 = ClassAgnosticCOCOEvaluator(
             one, output_dir=str(tmp_path / "one"), distributed=False, tasks=("bbox",)
         )
@@ -503,7 +494,7 @@ def tiny_sem_seg(tmp_path):
         Image.fromarray(label).save(gts / f"{key}.png")
         Image.fromarray(np.zeros(label.shape + (3,), np.uint8)).save(images / f"{key}.jpg")
     name = _unique("tiny_sem_seg")
-    with _registered(
+    with registered_dataset(
         name, lambda: load_sem_seg(str(gts), str(images), "png", "jpg"),
         stuff_classes=["c0", "c1", "c2"], ignore_label=255, evaluator_type="sem_seg_cluster",
     ):  # fmt: skip
@@ -602,7 +593,7 @@ def test_sem_seg_cluster_coco_stuff27_from_panoptic_sample(panoptic_sample, tmp_
         c[valid] = perm[label[valid]]
         clusters[stem] = c
     name = _unique("stuff27_sample")
-    with _registered(
+    with registered_dataset(
         name, lambda: load_sem_seg(str(gt_dir), str(base / "input_images"), "png", "jpg"),
         stuff_classes=list(STUFF27_CLASSES), ignore_label=IGNORE_LABEL,
     ):  # fmt: skip
@@ -626,7 +617,7 @@ def _distributed_worker(rank, world, init_file, gt_dir, image_dir, out_dir, resu
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         name = _unique("dist_sem_seg")
-        with _registered(
+        with registered_dataset(
             name, lambda: load_sem_seg(gt_dir, image_dir, "png", "jpg"),
             stuff_classes=["c0", "c1", "c2"], ignore_label=255,
         ):  # fmt: skip

@@ -18,7 +18,6 @@ Written for ``tools/generate_pseudo_masks.py`` and usable on its own:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -306,20 +305,10 @@ def validate_results(results: Sequence[Mapping], image_sizes: Optional[Mapping] 
 def atomic_write_json(path: str, obj) -> str:
     """Write JSON to a temporary file next to ``path`` and move it into place (a reader never
     sees a partial file; an interrupted run leaves none). Returns ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    from hiseg.data.datasets.common import atomic_write_json as write
+
+    write(path, obj)
+    return os.fspath(path)
 
 
 def write_results(path: str, results: Sequence[Mapping], validate: bool = True) -> str:

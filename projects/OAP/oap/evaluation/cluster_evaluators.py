@@ -345,10 +345,13 @@ class _ClusterMappingEvaluator(DatasetEvaluator):
         return list(self._class_names)
 
     def reset(self):
+        """Clears the evidence, the buffered predictions and the wrapped standard evaluator
+        (``self._inner``, set by each subclass before its first ``reset()``)."""
         self._confusion = np.zeros((self._num_clusters, self.num_classes), dtype=np.int64)
         self._records = []
         self.mapping = None
         self.confusion = None
+        self._inner.reset()
 
     def _total_confusion(self) -> np.ndarray:
         if self._distributed and comm.get_world_size() > 1:
@@ -471,10 +474,6 @@ class ClusterCOCOEvaluator(_ClusterMappingEvaluator):
             f"its class) when that mask IoU is >= {self._iou_threshold}"
         )
         self.reset()
-
-    def reset(self):
-        super().reset()
-        self._inner.reset()
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -650,10 +649,6 @@ class ClusterPanopticEvaluator(_ClusterMappingEvaluator):
         }
         self._inner = COCOPanopticEvaluator(dataset_name, _subdir(output_dir, self.evaluator_type))
         self.reset()
-
-    def reset(self):
-        super().reset()
-        self._inner.reset()
 
     def _read_gt(self, image_id, shape):
         from panopticapi.utils import rgb2id
@@ -848,10 +843,6 @@ class ClusterSemSegEvaluator(_ClusterMappingEvaluator):
         self._gt_files = self._inner.input_file_to_gt_file
         self._extra_record = {"ignore_label": self._ignore_label}
         self.reset()
-
-    def reset(self):
-        super().reset()
-        self._inner.reset()
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
