@@ -30,6 +30,7 @@ from torch import nn
 from hiseg.compat import shape_spec
 
 __all__ = [
+    "vit_kwargs_from_cfg",
     "ChannelLayerNorm", "SimpleFeaturePyramid", "ViTBackbone", "build_vit_backbone",
     "feature_stride", "make_timm_vit", "vit_small", "vit_base",
 ]
@@ -259,17 +260,24 @@ def vit_base(**kwargs) -> ViTBackbone:
     return _preset(768, 12, **kwargs)
 
 
-@BACKBONE_REGISTRY.register()
-def build_vit_backbone(cfg, input_shape=None) -> ViTBackbone:
-    """Registered as ``MODEL.BACKBONE.NAME: build_vit_backbone`` (needs ``add_vit_config``)."""
+def vit_kwargs_from_cfg(cfg, input_shape=None) -> dict:
+    """The ViT's constructor arguments from ``MODEL.VIT`` (shared by every ViT-based backbone:
+    this one and OAP's ViT-Adapter); the pyramid keys are left to the caller."""
     if "VIT" not in cfg.MODEL:
         raise KeyError("MODEL.VIT is missing: call hiseg.modeling.add_vit_config(cfg) before merging")
     v = cfg.MODEL.VIT
     in_chans = input_shape.channels if input_shape is not None and input_shape.channels else len(cfg.MODEL.PIXEL_MEAN)
-    return ViTBackbone(
+    return dict(
         embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS, patch_size=v.PATCH_SIZE,
         mlp_ratio=v.MLP_RATIO, drop_path_rate=v.DROP_PATH_RATE,
         img_size=v.IMG_SIZE if isinstance(v.IMG_SIZE, int) else tuple(v.IMG_SIZE),
         class_token=v.CLASS_TOKEN, reg_tokens=v.REG_TOKENS, no_embed_class=v.NO_EMBED_CLASS,
-        layer_scale=v.LAYER_SCALE or None, final_norm=v.FINAL_NORM, out_features=v.OUT_FEATURES,
-        out_channels=v.OUT_CHANNELS, norm=v.NORM, frozen=v.FROZEN, in_chans=in_chans)
+        layer_scale=v.LAYER_SCALE or None, final_norm=v.FINAL_NORM, frozen=v.FROZEN, in_chans=in_chans)
+
+
+@BACKBONE_REGISTRY.register()
+def build_vit_backbone(cfg, input_shape=None) -> ViTBackbone:
+    """Registered as ``MODEL.BACKBONE.NAME: build_vit_backbone`` (needs ``add_vit_config``)."""
+    kwargs = vit_kwargs_from_cfg(cfg, input_shape)
+    v = cfg.MODEL.VIT
+    return ViTBackbone(out_features=v.OUT_FEATURES, out_channels=v.OUT_CHANNELS, norm=v.NORM, **kwargs)

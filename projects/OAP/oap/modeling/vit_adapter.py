@@ -58,7 +58,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from hiseg.compat import shape_spec
-from hiseg.modeling.vit import ChannelLayerNorm, make_timm_vit
+from hiseg.modeling.vit import ChannelLayerNorm, make_timm_vit, vit_kwargs_from_cfg
 
 from .ms_deform_attn import MSDeformAttn, level_start_index, spatial_shapes_tensor
 
@@ -518,14 +518,9 @@ def build_vit_adapter_backbone(cfg, input_shape=None) -> ViTAdapterBackbone:
     ``MODEL.VIT_ADAPTER.*`` (needs ``add_vit_adapter_config``)."""
     if "VIT" not in cfg.MODEL or "VIT_ADAPTER" not in cfg.MODEL:
         raise KeyError("MODEL.VIT / MODEL.VIT_ADAPTER missing: call oap.modeling.add_vit_adapter_config(cfg)")
-    v, a = cfg.MODEL.VIT, cfg.MODEL.VIT_ADAPTER
-    in_chans = input_shape.channels if input_shape is not None and input_shape.channels else len(cfg.MODEL.PIXEL_MEAN)
+    a = cfg.MODEL.VIT_ADAPTER
     return ViTAdapterBackbone(
-        embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS, patch_size=v.PATCH_SIZE,
-        mlp_ratio=v.MLP_RATIO, drop_path_rate=v.DROP_PATH_RATE,
-        img_size=v.IMG_SIZE if isinstance(v.IMG_SIZE, int) else tuple(v.IMG_SIZE),
-        class_token=v.CLASS_TOKEN, reg_tokens=v.REG_TOKENS, no_embed_class=v.NO_EMBED_CLASS,
-        layer_scale=v.LAYER_SCALE or None, final_norm=v.FINAL_NORM, frozen=v.FROZEN, in_chans=in_chans,
+        **vit_kwargs_from_cfg(cfg, input_shape),
         conv_inplanes=a.CONV_INPLANES, spm_norm=a.SPM_NORM, deform_num_heads=a.DEFORM_NUM_HEADS,
         n_points=a.N_POINTS, deform_ratio=a.DEFORM_RATIO, init_values=a.INIT_VALUES,
         interaction_indexes=[tuple(r) for r in a.INTERACTION_INDEXES] or None, with_cffn=a.WITH_CFFN,
