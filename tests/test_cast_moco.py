@@ -83,6 +83,38 @@ def test_moco_trains_losses_finite_and_changing_and_teacher_moves():
     assert out["hierarchy"].shape == (5, 80, 96)
 
 
+def test_momentum_encoder_starts_from_weights_loaded_after_construction():
+    """Converted official weights reach only ``backbone.*``: the first step copies them into the
+    momentum encoder (else EMA would average them into its random initialisation); a model
+    whose momentum copy is already synced (a resumed run) keeps it."""
+    from cast.moco_mapper import MoCoTwoViewMapper
+
+    torch.manual_seed(0)
+    cfg = make_cfg("SOLVER.MAX_ITER", 10)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p))  # "loaded" weights, unlike the momentum copy's
+    loaded = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    batch = [MoCoTwoViewMapper(cfg, True)(d) for d in DatasetCatalog.get("skimage_natural_images")[:2]]
+    with EventStorage() as storage:
+        storage.iter = 0
+        model(batch)  # no optimizer step: the backbone stays as loaded
+        mom = model.momentum_backbone.state_dict()
+        for k, v in loaded.items():
+            if v.is_floating_point() and "running" not in k:
+                assert torch.allclose(mom[k], v, atol=1e-6), k
+        assert int(model.momentum_synced) == 1
+        with torch.no_grad():
+            model.momentum_backbone.encoder.cls_token.add_(5.0)  # a resumed, different momentum copy
+        kept = model.momentum_backbone.encoder.cls_token.clone()
+        storage.iter = 1
+        model(batch)
+    m = moco_momentum(cfg.MODEL.MOCO.MOMENTUM, 1, 10)
+    expected = kept * m + model.backbone.encoder.cls_token.detach() * (1 - m)
+    assert torch.allclose(model.momentum_backbone.encoder.cls_token, expected, atol=1e-6)
+
+
 def test_main_job_runs(shared_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     out = subprocess.run(

@@ -105,7 +105,7 @@ def cast_class_attention(encoder, images: torch.Tensor, superpixels: torch.Tenso
                          block: int = -1) -> Dict[str, torch.Tensor]:
     """The class token's attention over CAST's segment tokens in one block (default the last).
 
-    Returns a dict: ``attn`` (B, heads, M) (sums to 1 over the valid tokens, 0 on padding),
+    Returns a dict: ``attn`` (B, heads, M) (sums to 1 over the tokens the block attended to, 0 on the rest),
     ``labels`` (B, H, W) the hierarchy level whose labels index those tokens (-1 = padding),
     ``valid`` (B, M), ``level`` (int) and ``output`` (the encoder's output dict).
     """
@@ -114,7 +114,10 @@ def cast_class_attention(encoder, images: torch.Tensor, superpixels: torch.Tenso
     out, qkv = _capture_qkv(blk, lambda: encoder(images, superpixels))
     valid = out["levels"][group]["valid"]
     level = group if encoder.pooling else 0
-    key_valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1)
+    # the keys the block attended to (CAST's "members": with the released behaviour these include
+    # the all-zero tokens of segments that vanished on the grid)
+    keys = out["levels"][group].get("members", valid)
+    key_valid = torch.cat([keys.new_ones(keys.shape[0], 1), keys], 1)
     attn = class_attention_from_qkv(blk.attn, qkv, key_valid, num_prefix=1)
     return {"attn": attn, "labels": out["hierarchy"][:, level], "valid": valid, "level": level,
             "output": out}

@@ -23,6 +23,11 @@ def add_cast_config(cfg):
     c.TOKENS = "segment"  # Table 3a: "segment" (superpixels) or "patch" (square cells)
     c.PATCH_SIZE = 16  # cell size for TOKENS="patch"
     c.TOKEN_POOL_MODE = "bilinear"  # "bilinear" (segmentation code, any size) or "nearest"
+    # a segment with no cell on the feature grid (vanished in the nearest resize, or a label no
+    # pixel carries): "attend" = the released code (an all-zero token that takes part in
+    # attention and pooling; official weights need it), "mask" = masked out (our option).
+    # Batch padding is masked either way. See cast/modeling/encoder.py EMPTY_TOKEN_MODES.
+    c.EMPTY_TOKENS = "attend"
     c.POS_EMBED = "sincos"  # "sincos" (MoCo) or "learned" (DeiT)
     c.POS_GRID = [28, 28]  # grid of a learned position embedding (224 / 8)
     c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row

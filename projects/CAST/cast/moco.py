@@ -89,6 +89,11 @@ class CASTMoCo(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters()):
             p.requires_grad_(False)
+        # 0 until the first training step copies the (possibly just loaded) backbone and projector
+        # into the momentum copies: weights loaded after construction (converted official
+        # backbones) would otherwise be averaged into a random momentum encoder. Saved with the
+        # checkpoint, so a resumed run keeps its momentum encoder.
+        self.register_buffer("momentum_synced", torch.zeros((), dtype=torch.long))
         self.temperature = temperature
         self.base_momentum = momentum
         self.max_iter = max_iter
@@ -114,6 +119,10 @@ class CASTMoCo(nn.Module):
 
     @torch.no_grad()
     def _update_momentum_encoder(self, m: float):
+        if int(self.momentum_synced) == 0:
+            self.momentum_backbone.load_state_dict(self.backbone.state_dict())
+            self.momentum_projector.load_state_dict(self.projector.state_dict())
+            self.momentum_synced.fill_(1)
         pairs = list(zip(self.backbone.parameters(), self.momentum_backbone.parameters()))
         pairs += list(zip(self.projector.parameters(), self.momentum_projector.parameters()))
         for p, mp in pairs:

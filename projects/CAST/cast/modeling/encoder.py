@@ -21,7 +21,18 @@ from .stem import ConvStem, sincos_position_embedding
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CASTEncoder", "compose_hierarchy"]
+__all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES"]
+
+# What happens to a segment with no support on the feature grid (a superpixel that vanishes in
+# the nearest resize of TOKEN_POOL_MODE "nearest", or a label number no pixel carries):
+#   "attend": the released code's behaviour. It becomes an all-zero token (features and position
+#             encoding) that takes part in every block's attention, in the centroid block's
+#             attention and token mean and in the pooling sums; only FPS leaves it out (padded
+#             tokens are filled with the mean of the valid ones). Official weights need this.
+#   "mask":   our option. It is masked out of all of these, as if it did not exist.
+# Either way, tokens that only pad a batch (labels beyond an image's own count) are masked, so an
+# image gives the same result alone or in a batch.
+EMPTY_TOKEN_MODES = ("attend", "mask")
 
 
 def compose_hierarchy(superpixels: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -62,8 +73,11 @@ class CASTEncoder(nn.Module):
         pos_embed: str = "sincos",
         pos_grid: Sequence[int] = (28, 28),
         pos_row_first: bool = True,
+        empty_tokens: str = "attend",
     ):
         super().__init__()
+        if empty_tokens not in EMPTY_TOKEN_MODES:
+            raise ValueError(f"MODEL.CAST.EMPTY_TOKENS must be one of {EMPTY_TOKEN_MODES}, got {empty_tokens!r}")
         if len(num_segments) != len(depths):
             raise ValueError(f"need one segment count per block group: depths {list(depths)} vs "
                              f"segments {list(num_segments)} (the last count is read-out only)")
@@ -76,6 +90,7 @@ class CASTEncoder(nn.Module):
         self.token_pool_mode = token_pool_mode
         self.pos_embed_type = pos_embed
         self.pos_row_first = pos_row_first
+        self.empty_tokens = empty_tokens
 
         self.stem = ConvStem(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -138,22 +153,32 @@ class CASTEncoder(nn.Module):
         return out.flatten(1, 2)
 
     def segment_tokens(self, images: torch.Tensor, superpixels: torch.Tensor):
-        """Z_0 = [X_class; X_s] + [0; E_pos] (Sec. 3.1). Returns cls (B,1,D), tokens, valid."""
+        """Z_0 = [X_class; X_s] + [0; E_pos] (Sec. 3.1).
+
+        Returns cls (B, 1, D), tokens (B, N, D), ``valid`` (B, N: the segment reaches the
+        feature grid) and ``members`` (B, N: the token takes part in attention and pooling; see
+        ``EMPTY_TOKEN_MODES``)."""
         feats = self.stem(images)  # (B, D, h, w)
         b, d, h, w = feats.shape
-        n = int(count_segments(superpixels).max())
+        own = count_segments(superpixels)  # (B,) each image's own number of segments
+        n = int(own.max())
         mat, valid = grid_to_segment_matrix(superpixels, n, (h, w), self.token_pool_mode)
         grid_feats = feats.flatten(2).transpose(1, 2)  # (B, h*w, D)
         pos = self.position_encoding_batch(superpixels, (h, w)).to(feats.dtype)
         tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos)
         cls = self.cls_token.expand(b, -1, -1) + self.pe_token
-        return cls, tokens, valid
+        if self.empty_tokens == "attend":
+            members = torch.arange(n, device=own.device)[None] < own[:, None]
+        else:
+            members = valid
+        return cls, tokens, valid, members
 
-    def run_blocks(self, blocks, cls, tokens, valid):
+    def run_blocks(self, blocks, cls, tokens, members):
+        """ViT blocks over [cls; tokens]; keys outside ``members`` (B, M) are masked."""
         x = torch.cat([cls, tokens], dim=1)
         mask = None
-        if not bool(valid.all()):
-            mask = key_padding_bias(torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1), x.dtype)
+        if not bool(members.all()):
+            mask = key_padding_bias(torch.cat([members.new_ones(members.shape[0], 1), members], 1), x.dtype)
         for blk in blocks:
             x = blk(x, attn_mask=mask)
         return x[:, :1], x[:, 1:]
@@ -168,7 +193,8 @@ class CASTEncoder(nn.Module):
             num_segments: overrides the segment counts at test time (Table 6d).
         Returns a dict with
             ``cls`` (B, D) final LayerNorm of the class token (the recognition output);
-            ``levels``: per block group l, tokens (B, M_l, D) and ``valid`` (B, M_l);
+            ``levels``: per block group l, tokens (B, M_l, D), ``valid`` (B, M_l: has support)
+                and ``members`` (B, M_l: took part in attention and pooling);
             ``logits``: per graph pooling, (B, M_{l-1}, M_l);
             ``hierarchy`` (B, L+1, H, W) label maps (level 0 = superpixels) and
             ``num_segments`` (B, L+1): segments each level has per image (fewer than asked
@@ -182,24 +208,25 @@ class CASTEncoder(nn.Module):
         if len(counts) != len(self.depths):
             raise ValueError(f"expected {len(self.depths)} segment counts, got {list(counts)}")
         superpixels = superpixels.long()
-        cls, tokens, valid = self.segment_tokens(images, superpixels)
+        cls, tokens, valid, members = self.segment_tokens(images, superpixels)
         n_per_level = [valid.sum(1)]
         levels, logits, assignments = [], [], []
         start = 0
         for g, depth in enumerate(self.depths):
-            cls, tokens = self.run_blocks(self.blocks[start:start + depth], cls, tokens, valid)
+            cls, tokens = self.run_blocks(self.blocks[start:start + depth], cls, tokens, members)
             start += depth
-            levels.append({"tokens": tokens, "valid": valid})
+            levels.append({"tokens": tokens, "valid": valid, "members": members})
             if g == len(self.depths) - 1:
                 out_cls = self.norm(cls)[:, 0]
             if not self.pooling:
                 continue
             if g < len(self.depths) - 1:
-                pooled = self.pools[g](cls, tokens, valid, counts[g])
+                pooled = self.pools[g](cls, tokens, valid, counts[g], members)
                 lg, valid_out = pooled.logits, pooled.valid
                 cls, tokens, valid = pooled.cls_token, pooled.tokens, pooled.valid
+                members = valid  # every centroid slot that exists is a real token
             else:  # the last pooling is used for the read-out only: no new tokens needed
-                lg, _, valid_out = self.pools[g].assignment_logits(tokens, valid, counts[g])
+                lg, _, valid_out = self.pools[g].assignment_logits(tokens, valid, counts[g], members)
             logits.append(lg)
             assignments.append(lg.argmax(-1))
             n_per_level.append(valid_out.sum(1))

@@ -13,12 +13,19 @@ by the mean of the valid tokens and that mean prepended as the first sample (N+1
 dropped); the refinement's LayerNorm uses eps 1e-6, fc1/fc2's use 1e-5; the bias starts at
 N(0, 1e-2). Module names (``centroid_fc``, ``fc1``, ``fc2``) match the released checkpoints.
 
-Differences, chosen for robustness (identical results when no token is padded, which is the case
-for every 224x224 image): padded tokens are masked out of the attention, the mean and the pooling
-sums; and an image with fewer valid tokens than N keeps all of them (the released code asserts
-and dies): the extra centroid slots are marked invalid in ``valid_out`` and never assigned.
+Two masks per level. ``valid`` marks tokens with support (a segment that reaches at least one
+cell of the feature grid); only FPS uses it, as in the released code (padded tokens are filled
+with the valid mean). ``members`` marks the tokens that take part in the centroid block's
+attention and mean and in the pooling sums (Eq. 3's P^T MLP(Z) / P^T 1). With the released
+behaviour (``MODEL.CAST.EMPTY_TOKENS: attend``) ``members`` are all of an image's own segments,
+including all-zero tokens of segments that vanished on the grid; with ``mask`` it equals
+``valid``. Tokens of batch padding (labels beyond an image's own count) are never members, so an
+image gives the same result alone or in a batch (the released code would let them take part).
+
+An image with fewer valid tokens than N keeps all of them (the released code asserts and dies):
+the extra centroid slots are marked invalid in ``valid_out`` and never assigned.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +66,11 @@ class CentroidRefiner(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
         self.bias = nn.Parameter(torch.empty(dim).normal_(0, 1e-2))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        all_valid = bool(valid.all())
-        mask = None if all_valid else key_padding_bias(valid, x.dtype)
+    def forward(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``members`` (B, M) bool: the tokens attended to and averaged over."""
+        mask = None if bool(members.all()) else key_padding_bias(members, x.dtype)
         u = x + self.attn(self.norm(x), attn_mask=mask)
-        return u - masked_mean(u, valid) + self.bias
+        return u - masked_mean(u, members) + self.bias
 
 
 class GraphPool(nn.Module):
@@ -89,21 +96,25 @@ class GraphPool(nn.Module):
             ok &= torch.arange(num, device=idx.device)[None] < valid.sum(1, keepdim=True)
         return idx, ok
 
-    def assignment_logits(self, tokens: torch.Tensor, valid: torch.Tensor, num_segments: int):
+    def assignment_logits(self, tokens: torch.Tensor, valid: torch.Tensor, num_segments: int,
+                          members: Optional[torch.Tensor] = None):
         """Eq. 1: FPS centroids and ``kappa * cos(U_a, U_c)`` logits (invalid centroids at -inf).
+        ``members`` defaults to ``valid`` (see the module docstring).
         Returns (logits (B, M, N), sampled indices (B, N), valid centroids (B, N))."""
+        members = valid if members is None else members
         idx, valid_out = self.sample_centroids(tokens, valid, num_segments)
-        nodes = self.centroid_fc(tokens, valid)
+        nodes = self.centroid_fc(tokens, members)
         centroids = nodes.gather(1, idx.unsqueeze(-1).expand(-1, -1, nodes.shape[-1]))
         logits = self.kappa * torch.einsum(
             "bmd,bnd->bmn", F.normalize(nodes, dim=-1), F.normalize(centroids, dim=-1))
         return logits.masked_fill(~valid_out[:, None, :], float("-inf")), idx, valid_out
 
     def forward(self, cls_token: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
-                num_segments: int) -> GraphPoolOutput:
+                num_segments: int, members: Optional[torch.Tensor] = None) -> GraphPoolOutput:
         d = tokens.shape[-1]
-        logits, idx, valid_out = self.assignment_logits(tokens, valid, num_segments)
-        assign = logits.softmax(dim=-1) * valid.unsqueeze(-1).to(logits.dtype)
+        members = valid if members is None else members
+        logits, idx, valid_out = self.assignment_logits(tokens, valid, num_segments, members)
+        assign = logits.softmax(dim=-1) * members.unsqueeze(-1).to(logits.dtype)
 
         z = self.fc1(torch.cat([cls_token, tokens], dim=1))
         z_cls, z_tok = z[:, :1], z[:, 1:]
