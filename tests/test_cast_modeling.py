@@ -257,8 +257,9 @@ def test_to_rgb_uint8_conversions():
 
 
 def test_learned_position_embedding_does_not_depend_on_batch_padding():
-    """A learned grid embedding is resized to each image's own extent, not the padded grid."""
-    enc = tiny_encoder(pos_embed="learned")
+    """POS_RESIZE grid: a learned grid embedding is resized to each image's own extent, not the
+    padded grid. (The default, stretch, resizes it over each image's own extent too.)"""
+    enc = tiny_encoder(pos_embed="learned", pos_resize="grid")
     with torch.no_grad():
         enc.pos_embed.normal_()
     sp_small = torch.from_numpy(grid_superpixels(40, 56, 12))
@@ -285,3 +286,41 @@ def test_learned_position_embedding_does_not_depend_on_batch_padding():
         shifted = enc(x, torch.stack([padded, sp_big]))["cls"][0]
     assert (one - two).abs().max() < 0.2  # measured 0.11 (stem border; sin-cos: 0.03)
     assert (one - shifted).abs().max() > 10 * (one - two).abs().max()  # measured 4.0
+    enc.pos_resize = "stretch"
+    with torch.no_grad():
+        one = enc(x[:1, :, :40, :56], sp_small[None])["cls"][0]
+        two = enc(x, torch.stack([padded, sp_big]))["cls"][0]
+    assert (one - two).abs().max() < 0.2  # measured 0.018 (stem border only)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("sizes", [(28, 64), (7, 50), (30, 17), (5, 5)])
+def test_interpolation_taps_equal_torch_interpolate(mode, sizes):
+    from hiseg.modeling.interpolation_taps import interpolation_taps, taps_matrix
+
+    n_in, n_out = sizes
+    x = torch.randn(1, 3, n_in, 4, dtype=torch.float64)
+    ref = F.interpolate(x, size=(n_out, 4), mode=mode, align_corners=False)[0, :, :, 0]  # (3, out)
+    idx, w = interpolation_taps(mode, n_out, n_in)
+    ours = (x[0, :, :, 0][:, idx] * w).sum(1)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert torch.allclose(taps_matrix(idx, w, n_in) @ x[0, :, :, 0].t(), ref.t(), atol=1e-12)
+
+
+def test_stretched_position_table_equals_bicubic_upsample_then_average():
+    """POS_RESIZE stretch (released segmentation code): segment mean of the POS_GRID table
+    resized bicubically to each image's own extent; padding rows / columns excluded."""
+    from cast.modeling.segment_ops import image_extents
+
+    labels = torch.stack([torch.from_numpy(grid_superpixels(50, 77, 23)), torch.from_numpy(grid_superpixels(50, 77, 9))])
+    labels[1, 41:, :] = -1
+    labels[1, :, 60:] = -1
+    table = torch.randn(1, 5, 6, 7, dtype=torch.float64)  # (1, D, gh, gw)
+    n = int(labels.max()) + 1
+    mat, valid = grid_to_segment_matrix(labels, n, (6, 7), "bicubic", image_extents(labels))
+    fast = torch.matmul(mat.double(), table[0].flatten(1).t())
+    assert image_extents(labels).tolist() == [[50, 77], [41, 60]]
+    for i, (eh, ew) in enumerate([(50, 77), (41, 60)]):
+        up = F.interpolate(table, size=(eh, ew), mode="bicubic", align_corners=False)
+        ref = segment_mean_direct(up, labels[i:i + 1, :eh, :ew], n)[0]
+        assert torch.allclose(fast[i], ref, atol=1e-5)

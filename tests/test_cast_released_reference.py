@@ -39,7 +39,7 @@ def vanishing_labels(variant: int) -> torch.Tensor:
     lab[8:10, 8:10] = 18        # keeps exactly one grid cell
     if variant == 0:
         lab[57:63, 57:63] = 19  # vanishes
-        lab[33:36, 2:6] = 21    # label 20 is carried by no pixel: a gap, also an empty token
+        lab[33:36, 2:6] = 21    # vanishes; label 20 is carried by no pixel: a gap, also an empty token
     return lab
 
 
@@ -163,9 +163,14 @@ def _fps(points, num):
     return torch.tensor(chosen)
 
 
-def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=HEADS):
+def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=HEADS, pooling="nearest"):
     """One image (3, H, W) normalised and its (H, W) superpixels -> (class feature (D,),
-    per-level hard assignments [(M_{l-1},)], per-level logits)."""
+    per-level hard assignments [(M_{l-1},)], per-level logits).
+
+    ``pooling="nearest"``: the released classification / MoCo code (label map resized to the stem
+    grid, the grid's position table added there). ``"bilinear"``: the released segmentation code
+    (stem features upsampled bilinearly to the label map, the position table upsampled
+    bicubically to it, both averaged per superpixel)."""
     sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
     x = image[None].double()
     for conv in (0, 3, 6, 9):
@@ -175,18 +180,26 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
         x = (x * sd[bn + ".weight"][:, None, None] + sd[bn + ".bias"][:, None, None]).clamp(min=0)
     x = F.conv2d(x, sd["patch_embed.proj.12.weight"], sd["patch_embed.proj.12.bias"])[0]  # (D, h, w)
     d, h, w = x.shape
-    step_y, step_x = labels.shape[0] // h, labels.shape[1] // w
-    small = labels[::step_y, ::step_x].flatten()  # nearest resize with an integer factor
     learned = "pe_token" not in sd
     pos = sd["pos_embed"][0, 1:] if learned else sd["pos_embed"][0]
     cls = sd["cls_token"][0] + (sd["pos_embed"][0, :1] if learned else sd["pe_token"][0])
     n = int(labels.max()) + 1
     tokens = torch.zeros(n, d, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
-    feats = x.flatten(1).t() + pos
-    for cell in range(h * w):
-        tokens[small[cell]] += feats[cell]
-        count[small[cell]] += 1
+    if pooling == "nearest":
+        step_y, step_x = labels.shape[0] // h, labels.shape[1] // w
+        cell_labels = labels[::step_y, ::step_x].flatten()  # nearest resize with an integer factor
+        feats = x.flatten(1).t() + pos
+    else:
+        g = math.isqrt(pos.shape[0])
+        size = tuple(labels.shape)
+        table = pos.t().reshape(1, d, g, g)
+        feats = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0] \
+            + F.interpolate(table, size=size, mode="bicubic", align_corners=False)[0]
+        feats, cell_labels = feats.flatten(1).t(), labels.flatten()
+    for cell in range(feats.shape[0]):
+        tokens[cell_labels[cell]] += feats[cell]
+        count[cell_labels[cell]] += 1
     valid = count > 0
     tokens = tokens / count.clamp(min=1)[:, None]  # a vanished segment stays an all-zero token
 
@@ -260,20 +273,23 @@ def _batch():
     return images, labels
 
 
-@pytest.mark.parametrize("config,learned_pos", [
-    ("moco_cast_s_in1k.yaml", False),      # MoCo pre-training (sin-cos positions, pe_token)
-    ("linprobe_cast_s_in1k.yaml", False),  # linear probe on the MoCo weights
-    ("deit_cast_s_in1k.yaml", True),       # DeiT: learned positions, class entry from pos_embed
+@pytest.mark.parametrize("config,learned_pos,pooling", [
+    ("moco_cast_s_in1k.yaml", False, "nearest"),      # MoCo pre-training (sin-cos positions, pe_token)
+    ("linprobe_cast_s_in1k.yaml", False, "nearest"),  # linear probe on the MoCo weights
+    ("deit_cast_s_in1k.yaml", True, "nearest"),       # DeiT: learned positions, class entry from pos_embed
+    ("moco_cast_s_in1k.yaml", False, "bilinear"),     # the segmentation code on the MoCo weights
+    ("deit_cast_s_in1k.yaml", True, "bilinear"),      # ... and on the DeiT weights
 ])
-def test_converted_weights_equal_released_function_with_vanished_superpixels(tmp_path, config, learned_pos):
-    sd, encoder = _converted_model(tmp_path, config, learned_pos)
-    assert encoder.token_pool_mode == "nearest" and encoder.empty_tokens == "attend"
+def test_converted_weights_equal_released_function_with_vanished_superpixels(tmp_path, config, learned_pos,
+                                                                               pooling):
+    sd, encoder = _converted_model(tmp_path, config, learned_pos, ["MODEL.CAST.TOKEN_POOL_MODE", pooling])
+    assert encoder.token_pool_mode == pooling and encoder.empty_tokens == "attend"
     images, labels = _batch()
     with torch.no_grad():
         out = encoder(images, labels)
     for i in range(2):
         # the released code on this image alone (a batch would pad image 1 with image 0's count)
-        ref_cls, ref_assign, ref_logits = released_forward(sd, images[i], labels[i])
+        ref_cls, ref_assign, ref_logits = released_forward(sd, images[i], labels[i], pooling=pooling)
         n = int(labels[i].max()) + 1
         assert torch.allclose(out["cls"][i].double(), ref_cls, atol=2e-4, rtol=1e-4), \
             (out["cls"][i].double() - ref_cls).abs().max()
@@ -286,18 +302,21 @@ def test_converted_weights_equal_released_function_with_vanished_superpixels(tmp
         for level, ref_a in enumerate(ref_assign, start=1):
             seg = ref_a[seg]
             assert torch.equal(out["hierarchy"][i, level], seg[labels[i]]), f"image {i} level {level}"
-    # some superpixels did vanish, so the test exercises the released handling
-    assert int(out["levels"][0]["valid"][0].sum()) < int(labels[0].max()) + 1 - 1
+    # the empty tokens the released code keeps: vanished superpixels (nearest) and the gap label
+    empty = int(labels[0].max()) + 1 - int(out["levels"][0]["valid"][0].sum())
+    assert empty == (5 if pooling == "nearest" else 1)  # 16, 17, 19, 21 vanish; no pixel has 20
 
 
-def test_masking_empty_tokens_is_a_different_function(tmp_path):
-    """EMPTY_TOKENS: mask (our option) leaves the vanished tokens out of attention and pooling:
-    on the same weights and input it does not give the released function (so the test above
-    can tell the two apart)."""
-    sd, encoder = _converted_model(tmp_path, "moco_cast_s_in1k.yaml", False, ["MODEL.CAST.EMPTY_TOKENS", "mask"])
-    assert encoder.empty_tokens == "mask"
+@pytest.mark.parametrize("option,pooling", [(["MODEL.CAST.EMPTY_TOKENS", "mask"], "nearest"),
+                                            (["MODEL.CAST.POS_RESIZE", "grid"], "bilinear")])
+def test_our_options_are_different_functions(tmp_path, option, pooling):
+    """EMPTY_TOKENS mask (empty tokens left out of attention and pooling) and POS_RESIZE grid
+    (the stem grid's encoding, not the stretched table) are our options: on the same weights and
+    input they do not give the released function, so the test above tells them apart."""
+    sd, encoder = _converted_model(tmp_path, "moco_cast_s_in1k.yaml", False,
+                                   [*option, "MODEL.CAST.TOKEN_POOL_MODE", pooling])
     images, labels = _batch()
     with torch.no_grad():
         out = encoder(images, labels)
-    ref_cls, _, _ = released_forward(sd, images[0], labels[0])
+    ref_cls, _, _ = released_forward(sd, images[0], labels[0], pooling=pooling)
     assert (out["cls"][0].double() - ref_cls).abs().max() > 1e-2

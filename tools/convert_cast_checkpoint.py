@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", action="store_true", help="cast-deit: use 'model_ema' instead of 'model'")
     p.add_argument("--img-size", type=int, nargs="+", default=None,
                    help="vit: resample the position embedding to this image size (one or two ints)")
+    p.add_argument("--num-heads", type=int, default=12,
+                   help="cast: attention heads of the model the weights come from (not stored in them; the "
+                        "released CAST-S and CAST-B use 12)")
     p.add_argument("--config-file", default=None, help="optional: build this config's model and check the fit")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...) for --config-file")
     return p.parse_args(argv)
@@ -62,8 +65,9 @@ def build_model_from_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint, find_prefix,
-                                 save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
+    from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
+                                 describe_needed_config, find_prefix, save_detectron2_checkpoint,
+                                 to_detectron2_checkpoint, verify_against_model)
 
     img_size = None
     if args.img_size:
@@ -73,12 +77,10 @@ def main(argv=None):
         img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
     try:
         result = convert_checkpoint(args.input, fmt=args.format, model=args.model, use_ema=args.ema,
-                                    img_size=img_size)
+                                    img_size=img_size, num_heads=args.num_heads)
         for m in result.messages:
             print(f"- {m}")
-        print("config values these weights need:")
-        for k, v in result.config.items():
-            print(f"  {k}: {v}")
+        print(describe_needed_config(result))
         model = build_model_from_config(args) if args.config_file else None
         prefix = args.prefix
         if prefix is None:

@@ -297,7 +297,7 @@ def load_vit(args):
         if given is not None and int(given) != int(actual):
             raise UsageError(f"{flag} {given} contradicts --vit-weights, which hold {actual}")
     # the head count is not stored in the weights (it only splits the attention)
-    heads = args.heads or (arch_heads if dim == arch_dim else c["MODEL.VIT.NUM_HEADS"])
+    heads = args.heads or (arch_heads if dim == arch_dim else result.trained_with["MODEL.VIT.NUM_HEADS"])
     if dim % heads:
         raise UsageError(f"the weights' embed dim {dim} is not divisible by --heads {heads}")
     img = c["MODEL.VIT.IMG_SIZE"]

@@ -46,6 +46,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
+from .interpolation_taps import interpolation_taps, taps_matrix
+
 __all__ = ["add_vit_kmeans_config", "kmeans", "vit_kmeans_hierarchy", "ViTKMeansSegmenter"]
 
 
@@ -73,23 +75,9 @@ def add_vit_kmeans_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # bilinear upsampling, computed band by band
 def _bilinear_taps(out_size: int, in_size: int, device=None):
-    """Source indices / weights of ``F.interpolate(mode="bilinear", align_corners=False)``."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    w1 = src - i0.to(src.dtype)
-    return i0, i1, 1.0 - w1, w1
-
-
-def _taps_matrix(taps, in_size: int) -> torch.Tensor:
-    """Dense (out, in) interpolation matrix from (index0, index1, weight0, weight1)."""
-    i0, i1, w0, w1 = taps
-    r = torch.zeros(i0.numel(), in_size, device=i0.device)
-    rows = torch.arange(i0.numel(), device=i0.device)
-    r.index_put_((rows, i0), w0, accumulate=True)
-    r.index_put_((rows, i1), w1, accumulate=True)
-    return r
+    """(index0, index1, weight0, weight1) of ``F.interpolate(mode="bilinear", align_corners=False)``."""
+    index, weight = interpolation_taps("bilinear", out_size, in_size, device)
+    return index[0], index[1], weight[0], weight[1]
 
 
 class _Upsampled:
@@ -109,7 +97,8 @@ class _Upsampled:
         # (index0, index1, weight0, weight1) per output row / column, cropped to the image
         self.ty = [t[:H] if t.dtype == torch.long else t[:H].float() for t in ty]
         self.tx = [t[:W] if t.dtype == torch.long else t[:W].float() for t in tx]
-        self.ry, self.rx = _taps_matrix(self.ty, h), _taps_matrix(self.tx, w)  # (H, h), (W, w)
+        self.ry = taps_matrix(torch.stack(self.ty[:2]), torch.stack(self.ty[2:]), h)  # (H, h)
+        self.rx = taps_matrix(torch.stack(self.tx[:2]), torch.stack(self.tx[2:]), w)  # (W, w)
         self.grid = fmap.float().permute(1, 2, 0).contiguous()  # (h, w, D)
         self.size = (H, W)
         self.normalize = normalize

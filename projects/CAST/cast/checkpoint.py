@@ -36,6 +36,7 @@ __all__ = [
     "load_checkpoint_file", "detect_format", "extract_state_dict", "merge_duplicate_blocks",
     "convert_cast_state_dict", "convert_vit_state_dict", "convert_checkpoint", "add_prefix",
     "to_detectron2_checkpoint", "save_detectron2_checkpoint", "find_prefix", "verify_against_model",
+    "describe_needed_config",
 ]
 
 FORMATS = ("auto", "cast-moco", "cast-deit", "dino", "timm-vit")
@@ -55,16 +56,32 @@ class CheckpointConversionError(ValueError):
     """A checkpoint that cannot be converted: unknown layout, missing keys, shape mismatch..."""
 
 
+# what each layout was converted from, for messages and the checkpoint's stored config
+_SOURCES = {"cast-moco": "official CAST MoCo-v3 weights (cast-moco)",
+            "cast-deit": "official CAST DeiT weights (cast-deit)",
+            "dino": "DINO ViT weights", "timm-vit": "timm ViT weights"}
+
+
 @dataclass
 class ConversionResult:
     """``state_dict``: converted, without prefix. ``config``: the config values the weights need
-    (e.g. ``{"MODEL.CAST.POS_EMBED": "learned"}``). ``messages``: what was dropped / checked."""
+    (e.g. ``{"MODEL.CAST.POS_EMBED": "learned"}``): shapes and layouts, without which the tensors
+    do not mean what they meant. ``trained_with``: the runtime settings the weights were trained
+    with (for the released CAST models: nearest token pooling, empty tokens attended, 12 heads,
+    kappa 5); other values give another function than the released one. Both are stored in the
+    Detectron2 checkpoint (:func:`to_detectron2_checkpoint`) and checked when it is loaded
+    (``hiseg.engine.weights_config``). ``messages``: what was dropped / checked."""
 
     state_dict: "OrderedDict[str, torch.Tensor]"
     model: str
     format: str
     config: Dict[str, Any] = field(default_factory=dict)
     messages: List[str] = field(default_factory=list)
+    trained_with: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return _SOURCES.get(self.format, f"{self.format} weights")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,8 +322,16 @@ def _sincos_table(n: int, dim: int, row_first: bool) -> torch.Tensor:
     return sincos_position_embedding((s, s), dim, row_first=row_first)
 
 
-def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moco") -> ConversionResult:
-    """CAST weights under the released names -> our ``CASTEncoder`` names (no prefix)."""
+def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moco",
+                            num_heads: int = 12) -> ConversionResult:
+    """CAST weights under the released names -> our ``CASTEncoder`` names (no prefix).
+
+    ``num_heads`` is not stored in the weights (the released CAST-S and CAST-B use 12): it goes
+    into ``trained_with`` with the released code's other runtime settings. Those are the ones
+    of the released MoCo-v3 / DeiT training (and linear probing) code: the label map resized to
+    the stem grid (``TOKEN_POOL_MODE: nearest``), a superpixel that vanishes there kept as an
+    all-zero token that takes part in attention and pooling (``EMPTY_TOKENS: attend``), and
+    assignment logits ``5 x cosine`` (``KAPPA: 5``)."""
     msgs: List[str] = []
     sd, group_depths = merge_duplicate_blocks(sd)
     if group_depths is not None:
@@ -390,7 +415,12 @@ def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moc
     if not num_pools:
         config["MODEL.CAST.POOLING"] = False
     config["MODEL.CAST.MLP_RATIO"] = float(mlp_ratio)
-    msgs.append("MODEL.CAST.NUM_HEADS is not stored in the weights (the released CAST-S and CAST-B use 12)")
+    if pos_mode == "sincos":
+        config["MODEL.CAST.POS_ROW_FIRST"] = True  # the table was checked against this layout
+    msgs.append(f"MODEL.CAST.NUM_HEADS is not stored in the weights: {num_heads} assumed (the released "
+                f"CAST-S and CAST-B use 12)")
+    trained_with = {"MODEL.CAST.TOKEN_POOL_MODE": "nearest", "MODEL.CAST.EMPTY_TOKENS": "attend",
+                    "MODEL.CAST.NUM_HEADS": int(num_heads), "MODEL.CAST.KAPPA": 5.0}
 
     # check against a freshly built encoder of that size (the head count does not change shapes)
     from .modeling.encoder import CASTEncoder
@@ -398,7 +428,7 @@ def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moc
     ref = CASTEncoder(embed_dim=dim, depths=depths, num_heads=1, num_segments=[1] * len(depths),
                       mlp_ratio=mlp_ratio, pooling=bool(num_pools), pos_embed=pos_mode, pos_grid=grid)
     _compare(out, ref.state_dict(), "CAST checkpoint does not fit our CASTEncoder")
-    return ConversionResult(out, "cast", fmt, config, msgs)
+    return ConversionResult(out, "cast", fmt, config, msgs, trained_with)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +500,8 @@ def convert_vit_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "dino",
         "MODEL.VIT.CLASS_TOKEN": class_token, "MODEL.VIT.REG_TOKENS": reg_tokens,
         "MODEL.VIT.NO_EMBED_CLASS": no_embed_class,
     }
-    msgs.append(f"NUM_HEADS is not stored in the weights: {config['MODEL.VIT.NUM_HEADS']} assumed (64-d heads, "
+    trained_with = {"MODEL.VIT.NUM_HEADS": config.pop("MODEL.VIT.NUM_HEADS")}
+    msgs.append(f"NUM_HEADS is not stored in the weights: {trained_with['MODEL.VIT.NUM_HEADS']} assumed (64-d heads, "
                 f"true for DINO / DeiT ViT-S and ViT-B); check it")
     if layer_scale:
         config["MODEL.VIT.LAYER_SCALE"] = 1e-5
@@ -495,14 +526,15 @@ def convert_vit_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "dino",
         expected = {k: v for k, v in expected.items() if not k.startswith("norm.")}
         msgs.append("no final 'norm' in the checkpoint: set MODEL.VIT.FINAL_NORM: False")
     _compare(out, expected, "ViT checkpoint does not fit our ViT backbone")
-    return ConversionResult(out, "vit", fmt, config, msgs)
+    return ConversionResult(out, "vit", fmt, config, msgs, trained_with)
 
 
 # ----------------------------------------------------------------------------------------------
 def convert_checkpoint(src: Union[str, Mapping], fmt: str = "auto", model: Optional[str] = None,
-                       use_ema: bool = False, img_size=None) -> ConversionResult:
+                       use_ema: bool = False, img_size=None, num_heads: int = 12) -> ConversionResult:
     """Read ``src`` (a path or a loaded checkpoint) in layout ``fmt`` and convert it for
-    ``model`` ("cast" or "vit"; default: the format's model). ``img_size`` is for ViT weights."""
+    ``model`` ("cast" or "vit"; default: the format's model). ``img_size`` is for ViT weights,
+    ``num_heads`` for CAST weights (not stored in them)."""
     if fmt not in FORMATS:
         raise CheckpointConversionError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if model is not None and model not in MODELS:
@@ -520,11 +552,27 @@ def convert_checkpoint(src: Union[str, Mapping], fmt: str = "auto", model: Optio
         if img_size is not None:
             raise CheckpointConversionError("img_size resamples ViT position embeddings; CAST's sin-cos or "
                                             "learned grid is resized by the encoder itself")
-        result = convert_cast_state_dict(sd, fmt)
+        result = convert_cast_state_dict(sd, fmt, num_heads=num_heads)
     else:
         result = convert_vit_state_dict(sd, fmt, img_size=img_size)
     result.messages[:0] = [f"format: {fmt}"] + msgs
     return result
+
+
+def describe_needed_config(result: ConversionResult) -> str:
+    """The converter's report of the config values the weights need (stored in the output)."""
+    def line(values):
+        return " ".join(f"{k} {v}" for k, v in values.items()).replace("'", "").replace(", ", ",")
+
+    out = ["config values these weights need (stored in the output; loading them into a config with "
+           "other values fails):"]
+    out += [f"  {k}: {v}" for k, v in result.config.items()]
+    if result.trained_with:
+        out.append("settings they were trained with (stored too; evaluating with other values fails unless "
+                   "HISEG.WEIGHTS_CONFIG_CHECK warn, fine-tuning with them logs a warning):")
+        out += [f"  {k}: {v}" for k, v in result.trained_with.items()]
+    out.append("on the command line: " + line({**result.config, **result.trained_with}))
+    return "\n".join(out)
 
 
 def add_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> "OrderedDict[str, torch.Tensor]":
@@ -535,17 +583,27 @@ def add_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> "OrderedDict[str,
 
 def to_detectron2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor]],
                              prefix: Optional[str] = None, author: Optional[str] = None) -> Dict[str, Any]:
-    """``{"model": prefixed state dict, "__author__": ..., "matching_heuristics": False}``.
+    """``{"model": prefixed state dict, "__author__": ..., "matching_heuristics": False}`` and,
+    for a :class:`ConversionResult`, the config values the weights need under
+    ``hiseg.engine.weights_config.WEIGHTS_CONFIG_KEY`` (checked when the file is loaded).
     ``prefix`` defaults to ``DEFAULT_PREFIX[result.model]`` (a bare state dict: CAST's)."""
+    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY
+
     if isinstance(result, ConversionResult):
         sd, model, fmt = result.state_dict, result.model, result.format
     else:
         sd, model, fmt = result, "cast", "state dict"
     if prefix is None:
         prefix = DEFAULT_PREFIX[model]
-    return {"model": add_prefix(sd, prefix),
+    if prefix and not prefix.endswith("."):
+        prefix += "."
+    data = {"model": add_prefix(sd, prefix),
             "__author__": author or f"hiseg convert_cast_checkpoint ({fmt})",
             "matching_heuristics": False}
+    if isinstance(result, ConversionResult):
+        data[WEIGHTS_CONFIG_KEY] = {"source": result.source, "required": dict(result.config),
+                                    "trained_with": dict(result.trained_with), "holds": prefix}
+    return data
 
 
 def save_detectron2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.Tensor]], path: str,

@@ -28,8 +28,12 @@ def add_cast_config(cfg):
     # attention and pooling; official weights need it), "mask" = masked out (our option).
     # Batch padding is masked either way. See cast/modeling/encoder.py EMPTY_TOKEN_MODES.
     c.EMPTY_TOKENS = "attend"
+    # bilinear token pooling: "stretch" = the released segmentation code (the POS_GRID table
+    # resized bicubically over each image, averaged per segment; official weights need it),
+    # "grid" = the encoding of the image's own stem grid (our option). See POS_RESIZE_MODES.
+    c.POS_RESIZE = "stretch"
     c.POS_EMBED = "sincos"  # "sincos" (MoCo) or "learned" (DeiT)
-    c.POS_GRID = [28, 28]  # grid of a learned position embedding (224 / 8)
+    c.POS_GRID = [28, 28]  # grid of the position table (224 / 8): learned, or sin-cos stretched (POS_RESIZE)
     c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row
     c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1

@@ -16,12 +16,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .graph_pool import GraphPool, key_padding_bias
-from .segment_ops import count_segments, grid_to_segment_matrix
+from .segment_ops import count_segments, grid_to_segment_matrix, image_extents
 from .stem import ConvStem, sincos_position_embedding
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES"]
+__all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES", "POS_RESIZE_MODES"]
 
 # What happens to a segment with no support on the feature grid (a superpixel that vanishes in
 # the nearest resize of TOKEN_POOL_MODE "nearest", or a label number no pixel carries):
@@ -33,6 +33,17 @@ __all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES"]
 # Either way, tokens that only pad a batch (labels beyond an image's own count) are masked, so an
 # image gives the same result alone or in a batch.
 EMPTY_TOKEN_MODES = ("attend", "mask")
+
+# How the position encodings reach the segments with bilinear token pooling (nearest pooling
+# always reads the encoding of the stem grid, which is the released classification code's table
+# at 224x224, the only size it accepts):
+#   "stretch": the released segmentation code's. The POS_GRID table (sin-cos over POS_GRID, or the
+#              learned grid) is resized bicubically over the image's own extent at pixel
+#              resolution and averaged per segment. Official weights need this.
+#   "grid":    our option. The encoding of the image's own stem grid (sin-cos of the absolute cell
+#              position; a learned grid resized to the image's extent on the stem grid) is
+#              averaged with the features' bilinear weights.
+POS_RESIZE_MODES = ("stretch", "grid")
 
 
 def compose_hierarchy(superpixels: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -74,8 +85,11 @@ class CASTEncoder(nn.Module):
         pos_grid: Sequence[int] = (28, 28),
         pos_row_first: bool = True,
         empty_tokens: str = "attend",
+        pos_resize: str = "stretch",
     ):
         super().__init__()
+        if pos_resize not in POS_RESIZE_MODES:
+            raise ValueError(f"MODEL.CAST.POS_RESIZE must be one of {POS_RESIZE_MODES}, got {pos_resize!r}")
         if empty_tokens not in EMPTY_TOKEN_MODES:
             raise ValueError(f"MODEL.CAST.EMPTY_TOKENS must be one of {EMPTY_TOKEN_MODES}, got {empty_tokens!r}")
         if len(num_segments) != len(depths):
@@ -91,6 +105,8 @@ class CASTEncoder(nn.Module):
         self.pos_embed_type = pos_embed
         self.pos_row_first = pos_row_first
         self.empty_tokens = empty_tokens
+        self.pos_resize = pos_resize
+        self.pos_grid = tuple(int(v) for v in pos_grid)
 
         self.stem = ConvStem(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -98,7 +114,6 @@ class CASTEncoder(nn.Module):
         # position of the class token: zero and frozen in the released MoCo models
         self.pe_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=False)
         if pos_embed == "learned":  # DeiT-trained CAST: learned grid embedding, resized as needed
-            self.pos_grid = tuple(pos_grid)
             self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             self.pe_token.requires_grad_(True)
@@ -139,9 +154,7 @@ class CASTEncoder(nn.Module):
             return self.position_encoding(grid, device).unsqueeze(0)
         b, height, width = superpixels.shape
         h, w = int(grid[0]), int(grid[1])
-        valid = superpixels >= 0
-        last_row = (valid.any(2) * torch.arange(1, height + 1, device=device)).amax(1)
-        last_col = (valid.any(1) * torch.arange(1, width + 1, device=device)).amax(1)
+        last_row, last_col = image_extents(superpixels).unbind(1)
         gh = (last_row * h + height - 1).div(height, rounding_mode="floor").clamp(1, h)
         gw = (last_col * w + width - 1).div(width, rounding_mode="floor").clamp(1, w)
         if bool((gh == h).all() and (gw == w).all()):
@@ -164,8 +177,14 @@ class CASTEncoder(nn.Module):
         n = int(own.max())
         mat, valid = grid_to_segment_matrix(superpixels, n, (h, w), self.token_pool_mode)
         grid_feats = feats.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        pos = self.position_encoding_batch(superpixels, (h, w)).to(feats.dtype)
-        tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos)
+        if self.pos_resize == "stretch" and self.token_pool_mode != "nearest":
+            table = self.position_encoding(self.pos_grid, feats.device).to(feats.dtype)
+            pos_mat, _ = grid_to_segment_matrix(superpixels, n, self.pos_grid, "bicubic",
+                                                image_extents(superpixels))
+            tokens = torch.bmm(mat.to(feats.dtype), grid_feats) + torch.matmul(pos_mat.to(feats.dtype), table)
+        else:
+            pos = self.position_encoding_batch(superpixels, (h, w)).to(feats.dtype)
+            tokens = torch.bmm(mat.to(feats.dtype), grid_feats + pos)
         cls = self.cls_token.expand(b, -1, -1) + self.pe_token
         if self.empty_tokens == "attend":
             members = torch.arange(n, device=own.device)[None] < own[:, None]

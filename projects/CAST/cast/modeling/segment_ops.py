@@ -10,12 +10,14 @@ features. The tests compare against that direct formula.
 
 Label maps use ``-1`` for pixels outside the image (padding); such pixels belong to no segment.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_to_segment_matrix", "segment_to_grid_matrix", "segment_mean_direct", "count_segments"]
+from hiseg.modeling.interpolation_taps import interpolation_taps
+
+__all__ = ["grid_to_segment_matrix", "image_extents", "segment_to_grid_matrix", "segment_mean_direct", "count_segments"]
 
 
 def count_segments(labels: torch.Tensor) -> torch.Tensor:
@@ -23,57 +25,71 @@ def count_segments(labels: torch.Tensor) -> torch.Tensor:
     return labels.flatten(1).amax(dim=1).clamp(min=-1) + 1
 
 
-def _bilinear_taps(out_size: int, in_size: int, device):
-    """Source indices and weights of ``F.interpolate(mode='bilinear', align_corners=False)``."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    w1 = src - i0.to(src.dtype)
-    return i0, i1, 1.0 - w1, w1
+def image_extents(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 2) each image's own (height, width) inside a padded batch: up to its last row /
+    column that holds a labelled pixel (padding is -1 and sits at the bottom / right)."""
+    b, height, width = labels.shape
+    keep = labels >= 0
+    rows = (keep.any(2) * torch.arange(1, height + 1, device=labels.device)).amax(1)
+    cols = (keep.any(1) * torch.arange(1, width + 1, device=labels.device)).amax(1)
+    return torch.stack([rows, cols], dim=1)
 
 
 def grid_to_segment_matrix(labels: torch.Tensor, num_segments: int, grid: Tuple[int, int],
-                           mode: str = "bilinear") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Averaging matrix from a (h, w) feature grid to segments.
+                           mode: str = "bilinear", extents: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Averaging matrix from a (h, w) grid to segments.
 
     Args:
         labels: (B, H, W) int64 label maps, -1 = padding.
         num_segments: N, the padded number of segments.
-        grid: (h, w) of the feature grid.
-        mode: "bilinear" (features upsampled to the label map, then averaged; any size) or
+        grid: (h, w) of the grid.
+        mode: "bilinear" / "bicubic" (the grid resized to the label map with
+            ``F.interpolate(mode, align_corners=False)``, then averaged per segment; any size) or
             "nearest" (label map resized to the grid, then averaged; a segment that vanishes gets
             an all-zero row, as in the released classification code).
+        extents: bilinear / bicubic only: (B, 2) the (height, width) each image's grid is resized
+            to (default: the whole label map). The released segmentation code stretches the
+            position table over the image; in a padded batch that is the image's own extent.
     Returns:
-        matrix (B, N, h*w) float32 and ``valid`` (B, N) bool (segment has support).
+        matrix (B, N, h*w) float32 and ``valid`` (B, N) bool (the segment has support: pixels
+        for bilinear / bicubic, grid cells for nearest).
     """
     b, height, width = labels.shape
     h, w = grid
     dev = labels.device
+    mat = torch.zeros(b * num_segments * h * w, dtype=torch.float32, device=dev)
     if mode == "nearest":
         small = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         seg = small.flatten(1)  # (B, h*w)
         keep = seg >= 0
         idx = (torch.arange(b, device=dev)[:, None] * num_segments + seg.clamp(min=0)) * (h * w) \
             + torch.arange(h * w, device=dev)[None]
-        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float32, device=dev)
         mat.index_add_(0, idx[keep], torch.ones_like(idx[keep], dtype=torch.float32))
-    elif mode == "bilinear":
-        y0, y1, wy0, wy1 = _bilinear_taps(height, h, dev)
-        x0, x1, wx0, wx1 = _bilinear_taps(width, w, dev)
-        keep = labels >= 0  # (B, H, W)
-        base = (torch.arange(b, device=dev)[:, None, None] * num_segments + labels.clamp(min=0)) * (h * w)
-        base = base[keep]
-        yy, xx = keep.nonzero(as_tuple=True)[1:]
-        mat = torch.zeros(b * num_segments * h * w, dtype=torch.float32, device=dev)
-        for ys, wy in ((y0, wy0), (y1, wy1)):
-            for xs, wx in ((x0, wx0), (x1, wx1)):
-                mat.index_add_(0, base + ys[yy] * w + xs[xx], wy[yy] * wx[xx])
+        mat = mat.view(b, num_segments, h * w)
+        mass = mat.sum(-1, keepdim=True)  # grid cells each segment keeps
+    elif mode in ("bilinear", "bicubic"):
+        if extents is None:
+            extents = torch.tensor([[height, width]], device=dev).expand(b, 2)
+        keep = labels >= 0
+        count = torch.zeros(b * num_segments, dtype=torch.float32, device=dev)
+        for eh, ew in torch.unique(extents, dim=0).tolist():
+            imgs = ((extents[:, 0] == eh) & (extents[:, 1] == ew)).nonzero().flatten()
+            bb, yy, xx = keep[imgs].nonzero(as_tuple=True)
+            if not bool((yy < eh).all() and (xx < ew).all()):
+                raise ValueError(f"labelled pixels outside the image extent {eh}x{ew}")
+            seg = imgs[bb] * num_segments + labels[imgs[bb], yy, xx]
+            count.index_add_(0, seg, torch.ones_like(seg, dtype=torch.float32))
+            iy, wy = interpolation_taps(mode, int(eh), h, dev, torch.float32)
+            ix, wx = interpolation_taps(mode, int(ew), w, dev, torch.float32)
+            for ky in range(iy.shape[0]):
+                for kx in range(ix.shape[0]):
+                    mat.index_add_(0, seg * (h * w) + iy[ky, yy] * w + ix[kx, xx], wy[ky, yy] * wx[kx, xx])
+        mat = mat.view(b, num_segments, h * w)
+        mass = count.view(b, num_segments, 1)  # pixels of each segment (the taps sum to 1)
     else:
-        raise ValueError(f"unknown token pooling mode {mode!r}: use 'bilinear' or 'nearest'")
-    mat = mat.view(b, num_segments, h * w)
-    mass = mat.sum(-1, keepdim=True)
-    valid = mass[..., 0] > 0  # bilinear: mass = pixel count; nearest: grid cells it keeps
+        raise ValueError(f"unknown token pooling mode {mode!r}: use 'bilinear', 'bicubic' or 'nearest'")
+    valid = mass[..., 0] > 0
     mat = mat / mass.clamp(min=1e-12)
     return mat, valid
 
