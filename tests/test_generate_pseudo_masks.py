@@ -345,7 +345,7 @@ def test_bad_inputs(tool, coco_val, tmp_path):
     (mixed / "c_empty.jpg").write_bytes(b"")
     rc, so, se = run_tool(tool, ["--images", mixed / "*.jpg", *TINY, "--output", out])
     assert rc == 1
-    assert "b_broken.jpg: cannot read the image" in se and "c_empty.jpg: empty file" in se
+    assert "b_broken.jpg: not a readable image" in se and "c_empty.jpg: empty file" in se
     assert "2 image(s) could not be read" in se
     results = json.loads(out.read_text())
     assert results and {r["image_id"] for r in results} == {1}  # sequential ids: a_good is image 1

@@ -338,4 +338,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))  # a bad argument or file: one line on stderr, exit status 2

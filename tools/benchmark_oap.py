@@ -98,7 +98,7 @@ def counts(results):
     return ins, sem
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, nargs=2, default=(56, 56), metavar=("H", "W"))
     ap.add_argument("--dim", type=int, default=768)
@@ -107,7 +107,7 @@ def main():
     ap.add_argument("--maskcut-images", type=int, default=2, help="images for the MaskCut row")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = args.size
@@ -203,4 +203,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -75,14 +75,14 @@ def main(argv=None):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from hiseg.cli import merge_config
     from hiseg.engine import build_hiseg_optimizer
     from hiseg.setup import add_all_configs
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")
     cfg = add_all_configs(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    merge_config(cfg, args.config_file, list(args.opts))  # a bad file / key: one line, status 2
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
     crops = args.local_crops or cfg.INPUT.OAP.NUM_LOCAL_CROPS
@@ -134,4 +134,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))

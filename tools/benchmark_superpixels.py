@@ -7,7 +7,8 @@
 Images: the skimage sample pictures and, when the shared data folder is there, BSDS500 val
 images, centre-cropped and resized to ``size x size``, repeated up to ``batch``. Prints a
 markdown table: milliseconds per image (median of ``--repeats`` runs over the whole batch) and
-the mean number of superpixels.
+the mean number of superpixels. An unreadable BSDS500 image (truncated, empty, zero-size) is a
+warning naming it, is skipped and counted; the exit status is then 1.
 """
 import argparse
 import os
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "CAST"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load_images(batch: int, size: int):
+def load_images(batch: int, size: int, skipped=None):
+    """``batch`` pictures; unreadable files are added to ``skipped`` (a ``hiseg.cli.Skipped``)."""
     import cv2
     from skimage import data as skdata
 
@@ -36,10 +38,16 @@ def load_images(batch: int, size: int):
     except ImportError:
         shared = None
     if shared is not None:
-        from PIL import Image
+        from hiseg.image_io import InputError, read_image
 
         files = sorted((shared / "bsds500" / "images" / "val").glob("*.jpg"))[:batch]
-        pictures += [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        for f in files:
+            try:
+                pictures.append(read_image(f, format="RGB"))
+            except InputError as e:
+                if skipped is None:
+                    raise
+                skipped.add(str(f), str(e))
     out = []
     for p in pictures:
         h, w = p.shape[:2]
@@ -83,9 +91,12 @@ def main(argv=None):
     from cast.superpixels import SuperpixelConfig, compute_superpixels
     from cast.superpixels_torch import slic_torch
 
+    from hiseg.cli import Skipped
+
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)
-    images = load_images(args.batch, args.size)
+    skipped = Skipped("image")
+    images = load_images(args.batch, args.size, skipped)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     n = len(images)
     seeds_cfg = SuperpixelConfig(num_superpixels=args.num)  # 15 bins, 20 iterations (MoCo setting)
@@ -118,7 +129,10 @@ def main(argv=None):
         print(f"| {name} | {device} | {ms:.1f} | {count:.1f} |")
     if not (torch.cuda.is_available() and not args.no_cuda):
         print("\n(no CUDA device: GPU not measured)")
+    skipped.finish(len(skipped) + n)  # the count of skipped images, exit status 1
 
 
 if __name__ == "__main__":
-    main()
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))

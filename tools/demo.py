@@ -21,8 +21,11 @@ The CAST model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEI
 when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint). Without weights
 the model is randomly initialised: its hierarchy then only reflects superpixel colours and
 positions. Images are read with OpenCV (PIL as fall-back), converted to RGB uint8 (grey, alpha,
-16-bit, float) and downscaled to ``--max-size`` on their long side. A file that cannot be read or
-processed is reported with its name; the others still run, and the exit status is 1.
+16-bit, float) and downscaled to ``--max-size`` on their long side. Every file is first decoded
+completely with truncation refused (``hiseg.image_io.verify_image``): a missing, empty, truncated,
+zero-size or non-image file is reported as a warning with its name and skipped, the others still
+run, the summary counts the skipped ones, and the exit status is 1. A bad config file / key or
+weights file is one ``error:`` line with exit status 2 (``hiseg.cli.run_cli``).
 """
 import argparse
 import glob
@@ -35,7 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from hiseg.image_io import InputError, check_image_file  # noqa: E402
+from hiseg.cli import merge_config, run_cli  # noqa: E402
+from hiseg.errors import CheckpointError  # noqa: E402
+from hiseg.image_io import InputError, verify_image  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
@@ -70,7 +75,7 @@ def read_image(path: str) -> np.ndarray:
     """The file's pixels as an array (any channels / depth), RGB(A) channel order."""
     import cv2
 
-    check_image_file(path)
+    verify_image(path)  # missing / empty / truncated / zero-size / not an image: InputError
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is not None and img.size:
         if img.ndim == 3 and img.shape[2] == 3:
@@ -133,10 +138,7 @@ def setup_cfg(config_file: str, opts):
 
     cfg = get_cfg()
     add_all_configs(cfg)
-    if not os.path.isfile(config_file):
-        raise SystemExit(f"config file not found: {config_file}")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
+    merge_config(cfg, config_file, list(opts or []))
     cfg.freeze()
     return cfg
 
@@ -153,10 +155,11 @@ def _encoder_state_dict(state):
 
 
 def load_encoder_weights(encoder, weights: str):
-    """Load ``weights`` into the encoder via DetectionCheckpointer; returns (matched, total)."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    """Load ``weights`` into the encoder (hiseg's safe DetectionCheckpointer); returns
+    (matched, total)."""
+    from hiseg.checkpoint_io import SafeDetectionCheckpointer
 
-    class _EncoderCheckpointer(DetectionCheckpointer):
+    class _EncoderCheckpointer(SafeDetectionCheckpointer):
         matched = 0
 
         def _load_model(self, checkpoint):
@@ -170,14 +173,13 @@ def load_encoder_weights(encoder, weights: str):
                 if k in own and tuple(getattr(v, "shape", ())) == tuple(own[k].shape))
             return super()._load_model(checkpoint)
 
-    if "://" not in weights and not os.path.isfile(weights):
-        raise SystemExit(f"MODEL.WEIGHTS {weights}: file not found")
     ckpt = _EncoderCheckpointer(encoder)
     ckpt.load(weights, checkpointables=[])
     total = len(encoder.state_dict())
     if _EncoderCheckpointer.matched == 0:
-        raise SystemExit(f"MODEL.WEIGHTS {weights}: no tensor matches the CAST encoder "
-                         f"(expected keys like 'blocks.0.attn.qkv.weight', optionally under '...encoder.')")
+        raise CheckpointError(f"{weights}: no tensor matches the CAST encoder (expected keys like "
+                              f"'blocks.0.attn.qkv.weight', optionally under '...encoder.'); give a CAST "
+                              f"checkpoint (tools/convert_cast_checkpoint.py converts released ones)")
     return _EncoderCheckpointer.matched, total
 
 
@@ -206,14 +208,13 @@ def is_oap(cfg) -> bool:
 def build_oap_model(cfg, device: str):
     """The whole OAP segmenter, ``MODEL.WEIGHTS`` loaded by detectron2's checkpointer, eval mode."""
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model as d2_build_model
+
+    from hiseg.checkpoint_io import SafeDetectionCheckpointer
 
     model = d2_build_model(cfg.clone()).to(torch.device(device))
     if cfg.MODEL.WEIGHTS:
-        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise SystemExit(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: file not found")
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         print(f"loaded {cfg.MODEL.WEIGHTS}")
     else:
         print("WARNING: MODEL.WEIGHTS is empty: the OAP model is randomly initialised, so its pseudo-masks "
@@ -344,7 +345,7 @@ def main(argv=None) -> int:
         run_one = lambda name, img, stem: process(backbone, name, img, args, stem)  # noqa: E731
     os.makedirs(args.output, exist_ok=True)
 
-    failures = []
+    failures, skipped = [], []
     items, errors = expand_inputs(args.input)
     for pat, msg in errors:
         print(f"ERROR: {msg}", file=sys.stderr)
@@ -358,17 +359,18 @@ def main(argv=None) -> int:
             img = read_image(src) if kind == "file" else skimage_image(src)
             run_one(name, img, stem)
             done += 1
-        except InputError as e:
-            print(f"ERROR: {e}", file=sys.stderr)
-            failures.append(name)
+        except InputError as e:  # a bad image file: warn, skip, count
+            print(f"warning: {e}; skipped", file=sys.stderr)
+            skipped.append(name)
         except Exception as e:  # noqa: BLE001  (report, go on with the other images)
             logger.debug("failure on %s", name, exc_info=True)
             print(f"ERROR: {name}: {type(e).__name__}: {e}", file=sys.stderr)
             failures.append(name)
-    print(f"{done} image(s) written to {args.output}" + (f"; {len(failures)} failed: {', '.join(failures)}"
-                                                          if failures else ""))
-    return 1 if failures else 0
+    print(f"{done} image(s) written to {args.output}"
+          + (f"; {len(skipped)} skipped (unreadable): {', '.join(skipped)}" if skipped else "")
+          + (f"; {len(failures)} failed: {', '.join(failures)}" if failures else ""))
+    return 1 if failures or skipped else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

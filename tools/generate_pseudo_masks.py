@@ -41,8 +41,10 @@ detectron2's COCOEvaluator against ``--gt`` (a registered dataset or a COCO JSON
 ``--dataset`` itself, or ``cls_agnostic_coco`` for ``coco_2017_val`` when its file exists), all
 categories collapsed into one; the metrics also go to ``<output>_eval.json``.
 
-Exit status: 0; 1 when some images could not be read (the others are written); 2 on bad
-arguments / inputs (nothing written).
+Exit status: 0; 1 when some images could not be read (each is a warning naming the file and the
+problem: missing, empty, truncated, zero-size, not an image; the others are written and the
+summary counts them); 2 on bad arguments / inputs (one ``error:`` line, nothing written): a
+config file or key, a weights file that is not a checkpoint or of another model, a dataset.
 """
 import argparse
 import contextlib
@@ -66,7 +68,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hiseg.image_io import InputError, check_image_file  # noqa: E402
+from hiseg.cli import one_line  # noqa: E402
+from hiseg.errors import UserError  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: --arch presets: embed dim, depth, heads (DINO's ViT-S and ViT-B)
@@ -84,7 +88,7 @@ def random_init_warning(what: str, fix: str) -> str:
             f"{fix}\n{bar}")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad arguments or inputs; reported as ``error: ...`` with exit status 2."""
 
 
@@ -186,14 +190,9 @@ def items_from_dataset(args) -> List[Item]:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """HxWx3 uint8 RGB (EXIF orientation applied, grey / alpha / palette converted)."""
-    from detectron2.data.detection_utils import read_image
-
-    check_image_file(path)
-    try:
-        img = read_image(path, format="RGB")
-    except Exception as e:  # PIL's UnidentifiedImageError, OSError on truncated files, ...
-        raise InputError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
+    """HxWx3 uint8 RGB (EXIF orientation applied, grey / alpha / palette converted); a missing,
+    empty, truncated, zero-size or non-image file raises InputError (``hiseg.image_io``)."""
+    img = read_image(path, format="RGB")
     img = np.array(img, dtype=np.uint8, copy=True)  # writable, contiguous
     if img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
         raise InputError(f"{path}: unexpected image shape {img.shape}")
@@ -277,11 +276,16 @@ def load_vit(args):
         return model, patch, desc
 
     from cast.checkpoint import (
-        CheckpointConversionError, convert_checkpoint, convert_vit_state_dict, load_checkpoint_file,
+        CheckpointConversionError, convert_checkpoint, convert_vit_state_dict,
     )
+    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.errors import CheckpointError
 
     try:
-        obj = load_checkpoint_file(args.vit_weights)
+        obj = read_checkpoint(args.vit_weights)  # not a checkpoint / damaged: one-line CheckpointError
+    except CheckpointError as e:
+        raise UsageError(f"--vit-weights {e}") from e
+    try:
         sd = _vit_state_dict_from_detectron2(obj) if args.weights_format == "auto" else None
         if sd is not None:
             result = convert_vit_state_dict(sd, "timm-vit")
@@ -319,27 +323,22 @@ class Detectron2FeatureSource:
     """One output of a detectron2 backbone built from a config (``keys``: ViT attention keys)."""
 
     def __init__(self, args):
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
         from detectron2.modeling import build_backbone
 
+        from hiseg.checkpoint_io import SafeDetectionCheckpointer
+        from hiseg.cli import merge_config
         from hiseg.setup import add_all_configs
 
-        if not os.path.isfile(args.config_file):
-            raise UsageError(f"--config-file {args.config_file}: no such file")
         cfg = get_cfg()
         add_all_configs(cfg)
-        try:
-            cfg.merge_from_file(args.config_file)
-            cfg.merge_from_list(list(args.opts or []))
-        except Exception as e:
-            raise UsageError(f"--config-file {args.config_file} / --opts: {e}") from e
+        merge_config(cfg, args.config_file, list(args.opts or []))  # ConfigError: one line, status 2
         cfg.freeze()
         backbone = build_backbone(cfg)
         holder = torch.nn.Module()
         holder.backbone = backbone  # checkpoint names are "backbone.*"
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+            SafeDetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
             what = f"weights {os.path.basename(cfg.MODEL.WEIGHTS)}"
         else:
             print(random_init_warning("the backbone (MODEL.WEIGHTS is empty)",
@@ -662,7 +661,7 @@ def run(args) -> int:
             img = read_rgb(item.file_name)
         except InputError as e:
             failures.append(str(e))
-            pbar.write(f"error: {e}", file=sys.stderr)
+            pbar.write(f"warning: {e}; skipped", file=sys.stderr)
             pbar.update(1)
             continue
         out_size = (item.height, item.width) if item.height and item.width else img.shape[:2]
@@ -713,7 +712,8 @@ def run(args) -> int:
             "method": args.method, "levels": [f"{k}:{l}" for k, l in levels], "score": args.score,
             "features": source.description, "metrics": metrics})
     if failures:
-        print(f"{len(failures)} image(s) could not be read:\n  " + "\n  ".join(failures), file=sys.stderr)
+        print(f"{len(failures)} image(s) could not be read and were skipped ({done} of {len(items)} written):\n  "
+              + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
 
@@ -725,9 +725,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except UserError as e:  # UsageError, ConfigError, CheckpointError, dataset errors
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_code
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (tests)
 

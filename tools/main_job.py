@@ -10,6 +10,10 @@
 4. where BSDS500 is available (``$DETECTRON2_DATASETS/bsds500`` or the shared real data), score
    CAST, ViT + K-means and the SEEDS superpixels alone on BSDS500 val with the same
    hierarchical evaluator in one pass, and print the table (also in ``<output>/bsds500_val.md``).
+
+A bad config file or key, checkpoint or dataset folder is one ``error:`` line with exit status 2;
+an unreadable image (truncated, empty, zero-size, not an image) is a warning, is skipped and
+counted, and the exit status is then 1 (``hiseg.cli``).
 """
 import argparse
 import logging
@@ -28,6 +32,9 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import hiseg.data  # noqa: E402,F401
+from hiseg.cli import Skipped, merge_config, run_cli  # noqa: E402
+from hiseg.dataset_checks import check_datasets  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
 from hiseg.engine import HisegTrainer  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 
@@ -50,12 +57,11 @@ class _Progress(HookBase):
 
 
 def prepare_input(model, path, max_size):
-    """(image uint8 RGB at model resolution, input dict for the model)."""
+    """(image uint8 RGB at model resolution, input dict for the model); InputError for a bad file."""
     from cast.data_mapper import superpixels_for_image_tensor
-    from cast.superpixels import SuperpixelConfig, to_rgb_uint8
+    from cast.superpixels import SuperpixelConfig
 
-    with Image.open(path) as im:
-        img = to_rgb_uint8(np.asarray(im))
+    img = read_image(path, format="RGB")
     h, w = img.shape[:2]
     s = min(1.0, max_size / max(h, w))
     if s < 1.0:
@@ -68,14 +74,20 @@ def prepare_input(model, path, max_size):
     return img, {"image": t, "superpixels": sp, "height": img.shape[0], "width": img.shape[1]}
 
 
-def draw_pictures(model, out_dir, max_size, limit=0):
+def draw_pictures(model, out_dir, max_size, limit=0, skipped=None):
     from cast.visualize import hierarchy_panels, save_panel_grid
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
     dicts = DatasetCatalog.get("skimage_natural_images")
     for d in dicts[:limit] if limit > 0 else dicts:
-        img, inp = prepare_input(model, d["file_name"], max_size)
+        try:
+            img, inp = prepare_input(model, d["file_name"], max_size)
+        except InputError as e:
+            if skipped is None:
+                raise
+            skipped.add(d["file_name"], str(e))
+            continue
         with torch.no_grad():
             out = model.inference([inp])[0]
         levels = [lvl.cpu().numpy() for lvl in out["hierarchy"]]
@@ -99,7 +111,7 @@ def bsds_dataset():
     return None, None
 
 
-def bsds_table(model, vit_model, name, dicts, num_images, max_size, out_dir):
+def bsds_table(model, vit_model, name, dicts, num_images, max_size, out_dir, skipped=None):
     from hiseg.evaluation import HierarchicalSegEvaluator
 
     dicts = dicts[:num_images] if num_images > 0 else dicts
@@ -109,7 +121,13 @@ def bsds_table(model, vit_model, name, dicts, num_images, max_size, out_dir):
     for ev in methods.values():
         ev.reset()
     for i, d in enumerate(dicts):
-        img, inp = prepare_input(model, d["file_name"], max_size)
+        try:
+            img, inp = prepare_input(model, d["file_name"], max_size)
+        except InputError as e:
+            if skipped is None:
+                raise
+            skipped.add(d["file_name"], str(e))
+            continue
         h, w = d["height"], d["width"]
         with torch.no_grad():
             full = model.inference([dict(inp, height=h, width=w)])[0]["hierarchy"]
@@ -136,11 +154,11 @@ def train(config_file, opts, output_dir=None):
     """Pre-train one model with the trainer; returns it in eval mode (``.output_dir`` set)."""
     cfg = get_cfg()
     add_all_configs(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    merge_config(cfg, config_file, opts)
     if output_dir:
         cfg.OUTPUT_DIR = output_dir
     cfg.freeze()
+    check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     backbone = cfg.MODEL.BACKBONE.NAME
     print(f"[main job] training {cfg.MODEL.META_ARCHITECTURE} ({backbone}) on {cfg.DATASETS.TRAIN} for "
@@ -175,14 +193,20 @@ def main(argv=None):
     model = train(args.config_file, args.opts)
     out_dir = model.output_dir
     vit_model = train(args.vit_config, args.opts, os.path.join(out_dir, "vit")) if args.vit_config else None
-    draw_pictures(model, os.path.join(out_dir, "pictures"), args.max_size, args.pictures)
+    skipped = Skipped("image")
+    pictures = draw_pictures(model, os.path.join(out_dir, "pictures"), args.max_size, args.pictures, skipped)
+    total = len(pictures) + len(skipped)
     name, dicts = bsds_dataset()
     if dicts:
-        print(bsds_table(model, vit_model, name, dicts, args.bsds_images, args.max_size, out_dir), flush=True)
+        print(bsds_table(model, vit_model, name, dicts, args.bsds_images, args.max_size, out_dir, skipped),
+              flush=True)
+        total += len(dicts[:args.bsds_images] if args.bsds_images > 0 else dicts)
     else:
         print("[main job] BSDS500 not found (set DETECTRON2_DATASETS or HISEG_SHARED_DATA): table skipped")
     print(f"[main job] done in {time.time() - t0:.0f}s; outputs in {out_dir}", flush=True)
+    skipped.finish(total)  # SkippedInputsError (exit status 1) with the count, if any was skipped
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -17,6 +17,8 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 from detectron2.evaluation import verify_results  # noqa: E402
 
 import hiseg.data  # noqa: E402,F401  (registers datasets)
+from hiseg.cli import merge_config, run_cli  # noqa: E402
+from hiseg.dataset_checks import check_datasets  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
 
@@ -26,9 +28,9 @@ logger = logging.getLogger("hiseg")
 def setup(args):
     cfg = get_cfg()
     add_all_configs(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)  # one-line errors: missing file, unknown key, ...
     cfg.freeze()
+    check_datasets(cfg.DATASETS.TEST if args.eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
     default_setup(cfg, args)
     return cfg
 
@@ -58,4 +60,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_cli(cli))  # a bad file or setting: one line on stderr, exit status 2

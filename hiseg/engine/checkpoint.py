@@ -4,12 +4,16 @@ fvcore writes ``model_<iteration>.pth`` and then ``last_checkpoint`` in place: a
 writing leaves a truncated file that ``--resume`` then fails to load. Here both are written to a
 temporary file in the same folder, flushed to disk, and moved into place with ``os.replace``
 (atomic on POSIX), so ``last_checkpoint`` always names a complete file.
+
+Loading goes through :class:`hiseg.checkpoint_io.SafeDetectionCheckpointer`: no unrestricted
+unpickling, a one-line error for a file that is not a checkpoint or belongs to another model.
 """
 import os
 import tempfile
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+
+from ..checkpoint_io import SafeDetectionCheckpointer
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write"]
 
@@ -33,7 +37,7 @@ def atomic_write(path: str, write_fn, binary: bool = True) -> None:
         raise
 
 
-class AtomicDetectionCheckpointer(DetectionCheckpointer):
+class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return

@@ -5,7 +5,8 @@
 * atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file, and the
   optimizer state inside them on detectron2 v0.6 too (v0.6 forgot it);
 * dataset mappers chosen by ``INPUT.DATASET_MAPPER_NAME`` (projects register theirs in
-  ``MAPPER_REGISTRY``).
+  ``MAPPER_REGISTRY``), wrapped so that a bad image is named in one line
+  (``hiseg.image_io.ImageCheckingMapper``), and an empty dataset too (``hiseg.dataset_checks``).
 """
 import logging
 import os
@@ -17,6 +18,8 @@ from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, Dataset
 from detectron2.utils.registry import Registry
 
 from ..compat import coco_evaluator_kwargs
+from ..dataset_checks import dataset_errors
+from ..image_io import ImageCheckingMapper
 from .checkpoint import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
@@ -178,14 +181,15 @@ class HisegTrainer(DefaultTrainer):
     @classmethod
     def _mapper(cls, cfg, is_train):
         name = cfg.INPUT.DATASET_MAPPER_NAME
-        if not name:
-            return DatasetMapper(cfg, is_train)
-        return MAPPER_REGISTRY.get(name)(cfg, is_train)
+        mapper = MAPPER_REGISTRY.get(name)(cfg, is_train) if name else DatasetMapper(cfg, is_train)
+        return ImageCheckingMapper(mapper)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=cls._mapper(cfg, True))
+        with dataset_errors():
+            return build_detection_train_loader(cfg, mapper=cls._mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=cls._mapper(cfg, False))
+        with dataset_errors():
+            return build_detection_test_loader(cfg, dataset_name, mapper=cls._mapper(cfg, False))

@@ -71,13 +71,22 @@ def register_lazy(
 
 
 def missing(name: str, path, script: Optional[str], what: str = "") -> FileNotFoundError:
-    """The error a loader raises when ``path`` is absent; names the script that creates it."""
-    what = f" ({what})" if what else ""
+    """The error a loader raises when ``path`` is absent (a :class:`DatasetNotFoundError`) or,
+    when ``what`` starts with "no " (``path`` is a pattern that matched nothing), when the
+    dataset is empty (an :class:`EmptyDatasetError`); names the script that creates it. Both
+    are ``FileNotFoundError`` s and one-line user errors (:mod:`hiseg.errors`)."""
+    from hiseg.errors import DatasetNotFoundError, EmptyDatasetError
+
     if script:
-        how = f"run `python datasets/{script}` ({README_HINT})"
+        how = f"run `python datasets/{script}` ({README_HINT} for the expected layout)"
     else:
-        how = "download it as described in datasets/README.md"
-    return FileNotFoundError(
+        how = "download it as described in datasets/README.md (expected layout there)"
+    if what.startswith("no "):
+        return EmptyDatasetError(
+            f"Dataset '{name}' is empty: nothing found at {os.fspath(path)} ({what}); {how}."
+        )
+    what = f" ({what})" if what else ""
+    return DatasetNotFoundError(
         f"Dataset '{name}': expected {os.fspath(path)}{what}, which does not exist; {how}."
     )
 

@@ -1,0 +1,123 @@
+"""Dataset checks that turn detectron2's bare errors into one-line answers.
+
+* :func:`check_datasets` (before anything is built): a name that is not registered gets the
+  nearest registered names; a detectron2 built-in whose folder or JSON is absent gets the expected
+  path, the README section and the prepare script. Datasets registered by :mod:`hiseg.data`
+  check their own files when loaded (:func:`hiseg.data.datasets.common.missing`).
+* :func:`dataset_errors` (around building a data loader): detectron2's
+  ``AssertionError("Dataset 'x' is empty!")`` / ``"No valid data found in x."`` becomes an
+  :class:`~hiseg.errors.EmptyDatasetError` naming the dataset's files.
+* :func:`require_input` / :func:`require_files` for ``datasets/prepare_*.py``: a missing
+  download folder / an empty one, with the expected layout and what to download.
+"""
+import contextlib
+import difflib
+import os
+import re
+from typing import Iterable, List, Sequence
+
+from hiseg.errors import ConfigError, DatasetNotFoundError, EmptyDatasetError
+
+__all__ = ["check_datasets", "dataset_errors", "require_input", "require_files"]
+
+# metadata fields of detectron2's built-in datasets that name files or folders
+_PATH_FIELDS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json", "gt_dir",
+                "image_dir", "dirname")
+# built-ins whose files one of our scripts writes (the others are downloads, datasets/README.md)
+_SCRIPTS = (("ade20k_sem_seg", "prepare_ade20k_sem_seg.py"),
+            ("cityscapes_fine_panoptic", "prepare_cityscapes_panoptic.py"))
+
+
+def _datasets_root() -> str:
+    return os.environ.get("DETECTRON2_DATASETS", "datasets")
+
+
+def _how(name: str) -> str:
+    for prefix, script in _SCRIPTS:
+        if name.startswith(prefix):
+            return f"run `python datasets/{script}` (datasets/README.md shows the expected layout)"
+    return "download it as datasets/README.md describes (expected layout there)"
+
+
+def check_datasets(names: Iterable[str], where: str = "DATASETS") -> None:
+    """Raise a one-line error for the first dataset of ``names`` that is not registered, or is
+    a detectron2 built-in whose files are absent (nothing is loaded)."""
+    import hiseg.data  # noqa: F401  (registers the project's datasets)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from hiseg.data.datasets.common import registered_names
+
+    known = DatasetCatalog.list()
+    ours = set(registered_names())
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = (f"nearest registered names: {', '.join(near)}" if near
+                    else "datasets/README.md lists the registered names")
+            raise ConfigError(f"{where}: dataset '{name}' is not registered; {hint}")
+        if name in ours:
+            continue  # its loader names the missing file and the prepare script itself
+        meta = MetadataCatalog.get(name)
+        for field in _PATH_FIELDS:
+            path = meta.get(field, None)
+            if isinstance(path, str) and path and not os.path.exists(path):
+                raise DatasetNotFoundError(
+                    f"Dataset '{name}': expected {path} ({field}), which does not exist; {_how(name)}; "
+                    f"datasets root DETECTRON2_DATASETS={_datasets_root()}")
+
+
+def _files_of(name: str) -> str:
+    try:
+        from detectron2.data import MetadataCatalog
+
+        meta = MetadataCatalog.get(name)
+        paths = [f"{f}={meta.get(f)}" for f in _PATH_FIELDS if isinstance(meta.get(f, None), str)]
+    except Exception:  # noqa: BLE001  (only for the message)
+        paths = []
+    return f" ({', '.join(paths)})" if paths else ""
+
+
+@contextlib.contextmanager
+def dataset_errors():
+    """Inside the block, detectron2's "dataset is empty" assertions become
+    :class:`EmptyDatasetError` s naming the dataset and its files."""
+    try:
+        yield
+    except AssertionError as e:
+        text = str(e)
+        m = re.search(r"Dataset '([^']+)' is empty", text)
+        if m:
+            name = m.group(1)
+            raise EmptyDatasetError(
+                f"Dataset '{name}' is empty: it lists no images{_files_of(name)}; check its files "
+                f"(datasets/README.md shows the expected layout) and rerun its prepare script") from None
+        m = re.search(r"No valid data found in (.+?)\.?$", text.strip())
+        if m:
+            names = m.group(1)
+            raise EmptyDatasetError(
+                f"Dataset(s) {names}: no usable image left (every image lacks annotations, or all are "
+                f"crowd); check the annotation files{_files_of(names.split(',')[0])}, or set "
+                f"DATALOADER.FILTER_EMPTY_ANNOTATIONS False") from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets/prepare_*.py
+def require_input(path: str, layout: str, how: str, kind: str = "dir") -> str:
+    """``path`` if it is an existing folder (``kind="dir"``) or file (``"file"``); else a
+    :class:`DatasetNotFoundError` with the layout the script expects and what to do."""
+    ok = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
+    if not ok:
+        what = "folder" if kind == "dir" else "file"
+        found = " (it is a file)" if kind == "dir" and os.path.isfile(path) else \
+            " (it is a folder)" if kind == "file" and os.path.isdir(path) else ""
+        raise DatasetNotFoundError(f"{path}: input {what} not found{found}; expected layout: {layout}; {how}")
+    return path
+
+
+def require_files(files: Sequence[str], where: str, pattern: str, how: str) -> List[str]:
+    """``files`` (a listing of ``where``) if not empty; else an :class:`EmptyDatasetError`."""
+    if not files:
+        raise EmptyDatasetError(f"{where}: no input files ({pattern}) in it, nothing to convert; {how}")
+    return list(files)
+
