@@ -11,17 +11,26 @@ package does not ship. Files are written atomically; existing ones are kept unle
 
 Input::   ADEChallengeData2016/annotations/{training,validation}/*.png
 Output::  ADEChallengeData2016/annotations_detectron2/{training,validation}/*.png
+
+A missing or empty input folder is one ``error:`` line (exit status 2); an unreadable label map
+(truncated, empty, not a PNG) is a warning, is skipped and counted, and the exit status is 1.
 """
 import argparse
 import os
 import sys
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
+from hiseg.dataset_checks import require_files, require_input  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
+
+LAYOUT = "<ade-root>/annotations/{training,validation}/*.png"
+HOW = ("download ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu), unzip it under "
+       "$DETECTRON2_DATASETS, or pass --ade-root")
 
 
 def shift_labels(label: np.ndarray) -> np.ndarray:
@@ -41,22 +50,28 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    counts = {}
+    counts, skipped, total = {}, Skipped("label map"), 0
     for split in args.split:
-        src = os.path.join(args.ade_root, "annotations", split)
+        src = require_input(os.path.join(args.ade_root, "annotations", split), LAYOUT, HOW)
         dst = os.path.join(args.ade_root, "annotations_detectron2", split)
-        if not os.path.isdir(src):
-            raise SystemExit(f"not found: {src} (download ADEChallengeData2016.zip)")
-        files = sorted(f for f in os.listdir(src) if f.endswith(".png"))
+        files = require_files(sorted(f for f in os.listdir(src) if f.endswith(".png")), src, "*.png", HOW)
+        total += len(files)
+        before = len(skipped)
         for f in tqdm(files, desc=split):
             out = os.path.join(dst, f)
             if os.path.isfile(out) and not args.overwrite:
                 continue
-            atomic_save_png(out, shift_labels(np.asarray(Image.open(os.path.join(src, f)))))
-        counts[split] = len(files)
-        print(f"{split}: {len(files)} label maps in {dst}")
+            try:
+                label = read_image(os.path.join(src, f), format=None)
+            except InputError as e:
+                skipped.add(f, str(e))
+                continue
+            atomic_save_png(out, shift_labels(label))
+        counts[split] = len(files) - (len(skipped) - before)
+        print(f"{split}: {counts[split]} label maps in {dst}")
+    skipped.finish(total)
     return counts
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -29,6 +29,10 @@ every other pixel carries its label); a disagreement is an error. The JSON's ``i
 real ``*_leftImg8bit.png`` files (createPanopticImgs writes ``*_gtFine_leftImg8bit.png``, which
 no reader uses). Every file is written atomically. Existing PNGs are kept unless
 ``--overwrite``; the JSON is always rebuilt from the PNGs on disk, so it describes them exactly.
+
+A missing ``gtFine/<split>`` folder or one without label maps is one ``error:`` line (exit
+status 2); a frame whose label maps cannot be read (truncated, empty, not a PNG) is a warning, is
+left out of the JSON and counted, and the exit status is 1.
 """
 import argparse
 import glob
@@ -43,7 +47,14 @@ from scipy import ndimage
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_write  # noqa: E402
+from hiseg.dataset_checks import require_files, require_input  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
+
+LAYOUT = "<cityscapes-root>/gtFine/<split>/<city>/*_gtFine_{labelIds,instanceIds}.png"
+HOW = ("download gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com and unzip it in "
+       "<root>/cityscapes, or pass --cityscapes-root")
 
 LABEL_DIVISOR = 1000  # instanceIds: label_id * 1000 + instance index for thing instances
 
@@ -151,13 +162,18 @@ def _convert_one(job):
     stem = os.path.basename(label_file)[: -len("_gtFine_labelIds.png")]
     if overwrite or not os.path.isfile(out_png):
         instance_file = label_file[: -len("labelIds.png")] + "instanceIds.png"
-        pan = panoptic_ids(
-            np.asarray(Image.open(label_file)), np.asarray(Image.open(instance_file)), categories
-        )
+        try:
+            label, inst = read_image(label_file, format=None), read_image(instance_file, format=None)
+        except InputError as e:
+            return ("skipped", label_file, str(e))
+        pan = panoptic_ids(label, inst, categories)
         with atomic_write(out_png, "wb") as f:
             Image.fromarray(id_to_rgb(pan)).save(f, format="PNG")
     else:
-        pan = rgb_to_id(np.asarray(Image.open(out_png).convert("RGB")))
+        try:
+            pan = rgb_to_id(read_image(out_png, format="RGB"))
+        except InputError as e:
+            return ("skipped", out_png, f"{e} (delete it to have it rewritten)")
     image = {
         "id": stem,
         "width": int(pan.shape[1]),
@@ -176,9 +192,9 @@ def convert_split(cityscapes_root, split, overwrite=False, workers=0, show_progr
     """Write ``gtFine/cityscapes_panoptic_<split>{.json,/}``; returns the JSON dict."""
     gt_root = os.path.join(cityscapes_root, "gtFine")
     pattern = os.path.join(gt_root, split, "*", "*_gtFine_labelIds.png")
-    label_files = sorted(glob.glob(pattern))
-    if not label_files:
-        raise SystemExit(f"no Cityscapes label maps: {pattern} (download gtFine_trainvaltest)")
+    require_input(os.path.join(gt_root, split), LAYOUT, HOW)
+    label_files = require_files(sorted(glob.glob(pattern)), os.path.join(gt_root, split),
+                                "<city>/*_gtFine_labelIds.png", HOW)
     out_dir = os.path.join(gt_root, f"cityscapes_panoptic_{split}")
     categories = panoptic_categories()
     jobs = []
@@ -194,6 +210,11 @@ def convert_split(cityscapes_root, split, overwrite=False, workers=0, show_progr
             results = list(tqdm(it, total=len(jobs), desc=desc, disable=not show_progress))
     else:
         results = [_convert_one(j) for j in tqdm(jobs, desc=desc, disable=not show_progress)]
+    skipped = Skipped("frame")
+    for r in results:
+        if r[0] == "skipped":
+            skipped.add(r[1], r[2])
+    results = [r for r in results if r[0] != "skipped"]
     panoptic = {
         "images": [r[0] for r in results],
         "annotations": [r[1] for r in results],
@@ -203,6 +224,7 @@ def convert_split(cityscapes_root, split, overwrite=False, workers=0, show_progr
     with atomic_write(out_json, "w") as f:
         json.dump(panoptic, f)
     print(f"{split}: {len(results)} panoptic PNGs in {out_dir}, annotations in {out_json}")
+    skipped.finish(len(jobs))
     return panoptic
 
 
@@ -228,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -13,9 +13,10 @@ Example::
 
     python datasets/prepare_cls_agnostic_coco.py            # COCO val2017, CutLER's path
     python datasets/prepare_cls_agnostic_coco.py --input a.json --output b.json
+
+A missing, invalid (truncated) or empty input JSON is one ``error:`` line, exit status 2.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +24,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.cls_agnostic import FG_CATEGORY  # noqa: E402
+from hiseg.cli import script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_write_json  # noqa: E402
+from hiseg.dataset_checks import read_json, require_files, require_input  # noqa: E402
+from hiseg.errors import InputError  # noqa: E402
+
+LAYOUT = "<root>/coco/annotations/instances_val2017.json (a COCO instances JSON)"
+HOW = ("download annotations_trainval2017.zip from https://cocodataset.org and unzip it under "
+       "<root>/coco, or pass --input")
 
 
 def make_class_agnostic(coco: dict, show_progress: bool = True) -> dict:
@@ -60,10 +68,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.input):
-        raise SystemExit(f"input JSON not found: {args.input}")
-    with open(args.input) as f:
-        coco = json.load(f)
+    require_input(args.input, LAYOUT, HOW, kind="file")
+    coco = read_json(args.input, "COCO instances JSON")
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise InputError(f"{args.input}: not a COCO instances JSON (no 'images' list); {HOW}")
+    require_files(coco["images"], args.input, "'images'", HOW)
     out = make_class_agnostic(coco)
     atomic_write_json(args.output, out)
     print(
@@ -74,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -16,20 +16,28 @@ Input layout (the COCO 2017 panoptic release, under $DETECTRON2_DATASETS)::
     coco/panoptic_{split}2017/*.png
 
 Output: ``coco/stuff27_{split}2017/*.png`` (registered as ``coco_2017_{split}_stuff27``).
+
+A missing or invalid input (JSON, folder) or a JSON without annotations is one ``error:`` line
+(exit status 2); an unreadable panoptic PNG is a warning, is skipped and counted (exit status 1).
 """
 import argparse
-import json
 import os
 import sys
 from multiprocessing import Pool
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.coco_stuff27 import IGNORE_LABEL, category_to_label  # noqa: E402
+from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png  # noqa: E402
+from hiseg.dataset_checks import read_json, require_files, require_input  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
+
+LAYOUT = "<root>/coco/annotations/panoptic_<split>2017.json and <root>/coco/panoptic_<split>2017/*.png"
+HOW = ("download panoptic_annotations_trainval2017.zip from https://cocodataset.org and unzip it "
+       "(and the PNG zip inside it) under <root>/coco, or pass --panoptic-json / --panoptic-root")
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -50,7 +58,10 @@ def _convert_one(job):
     png_in, png_out, segments_info, cat_to_label, overwrite = job
     if not overwrite and os.path.isfile(png_out):
         return png_out
-    pan = rgb_to_id(np.asarray(Image.open(png_in).convert("RGB")))
+    try:
+        pan = rgb_to_id(read_image(png_in, format="RGB"))
+    except InputError as e:
+        return ("skipped", png_in, str(e))
     atomic_save_png(png_out, stuff27_label_map(pan, segments_info, cat_to_label))
     return png_out
 
@@ -84,14 +95,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for path, isdir in ((args.panoptic_json, False), (args.panoptic_root, True)):
-        if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
-            raise SystemExit(f"not found: {path} (download COCO 2017 panoptic annotations)")
-    with open(args.panoptic_json) as f:
-        panoptic = json.load(f)
+    require_input(args.panoptic_json, LAYOUT, HOW, kind="file")
+    require_input(args.panoptic_root, LAYOUT, HOW)
+    panoptic = read_json(args.panoptic_json, "COCO panoptic JSON")
+    if not isinstance(panoptic, dict) or "annotations" not in panoptic:
+        raise InputError(f"{args.panoptic_json}: not a COCO panoptic JSON (no 'annotations'); {HOW}")
+    require_files(panoptic["annotations"], args.panoptic_json, "'annotations'", HOW)
     if args.categories:
-        with open(args.categories) as f:
-            categories = json.load(f)
+        categories = read_json(args.categories, "categories JSON")
     else:
         categories = panoptic["categories"]
     cat_to_label = category_to_label(categories)
@@ -113,9 +124,15 @@ def main(argv=None):
             )
     else:
         outputs = [_convert_one(j) for j in tqdm(jobs, desc=f"stuff27 {args.split}")]
+    skipped = Skipped("panoptic PNG")
+    for o in outputs:
+        if isinstance(o, tuple):
+            skipped.add(o[1], o[2])
+    outputs = [o for o in outputs if not isinstance(o, tuple)]
     print(f"wrote {len(outputs)} label maps to {args.output}")
+    skipped.finish(len(jobs))
     return sorted(outputs)
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -12,10 +12,10 @@ Output (registered as ``densepose_coco_parts_{train,minival}``)::
 Each person's ``dp_masks`` (14 RLE masks on a 256x256 grid over its box) is pasted into the image
 as in the official DensePose-COCO notebook; people without ``dp_masks`` are ignored (255) over
 their COCO segmentation. See ``hiseg.data.datasets.densepose.render_part_map``. Files are written
-atomically; existing ones are kept unless ``--overwrite``.
+atomically; existing ones are kept unless ``--overwrite``. A missing, invalid or empty JSON is
+one ``error:`` line, exit status 2.
 """
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -23,7 +23,10 @@ from collections import defaultdict
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png  # noqa: E402
+from hiseg.dataset_checks import read_json, require_files, require_input  # noqa: E402
+from hiseg.errors import InputError  # noqa: E402
 from hiseg.data.datasets.densepose import render_part_map  # noqa: E402
 
 
@@ -48,10 +51,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.json):
-        raise SystemExit(f"not found: {args.json} (download the DensePose-COCO annotations)")
-    with open(args.json) as f:
-        data = json.load(f)
+    how = ("download densepose_<split>.json of the DensePose-COCO release "
+           "(https://github.com/facebookresearch/DensePose) into <root>/coco/annotations, or pass --json")
+    require_input(args.json, "<root>/coco/annotations/densepose_<split>.json", how, kind="file")
+    data = read_json(args.json, "DensePose-COCO JSON")
+    if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
+        raise InputError(f"{args.json}: not a DensePose-COCO JSON (needs 'images' and 'annotations'); {how}")
+    require_files(data["images"], args.json, "'images'", how)
     by_image = defaultdict(list)
     for ann in data["annotations"]:
         by_image[ann["image_id"]].append(ann)
@@ -68,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

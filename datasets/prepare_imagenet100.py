@@ -11,7 +11,8 @@ Result (registered as ``imagenet_100_{train,val}``)::
     <root>/imagenet100/{train,val}/<wnid> -> <root>/imagenet/{train,val}/<wnid>
 
 The new tree is assembled in a temporary folder and renamed into place, so an interrupted run
-leaves nothing half-made. An existing output is replaced only with ``--overwrite``.
+leaves nothing half-made. An existing output is replaced only with ``--overwrite``. A missing
+ImageNet folder, missing or empty class folders are one ``error:`` line, exit status 2.
 """
 import argparse
 import os
@@ -20,6 +21,15 @@ import sys
 import tempfile
 
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import script_main  # noqa: E402
+from hiseg.dataset_checks import require_input  # noqa: E402
+from hiseg.errors import DatasetNotFoundError, EmptyDatasetError  # noqa: E402
+
+LAYOUT = "<imagenet-root>/{train,val}/<wnid>/*.JPEG (1000 class folders per split)"
+HOW = ("download ILSVRC2012 (https://image-net.org), sort train and val into class folders "
+       "(datasets/README.md, ImageNet-1K), or pass --imagenet-root")
 
 #: CMC's ImageNet-100 classes, in the order of imagenet100.txt.
 CMC_CLASSES = (
@@ -54,6 +64,8 @@ def build_subset(imagenet_root, output, classes, splits=("train", "val"), overwr
     """Create ``output/<split>/<wnid>`` symlinks; returns the number of links made."""
     imagenet_root = os.path.abspath(imagenet_root)
     output = os.path.abspath(output)
+    for s in splits:
+        require_input(os.path.join(imagenet_root, s), LAYOUT, HOW)
     missing = [
         os.path.join(imagenet_root, s, c)
         for s in splits
@@ -61,8 +73,13 @@ def build_subset(imagenet_root, output, classes, splits=("train", "val"), overwr
         if not os.path.isdir(os.path.join(imagenet_root, s, c))
     ]
     if missing:
-        shown = "\n  ".join(missing[:10])
-        raise SystemExit(f"{len(missing)} class folders missing, e.g.:\n  {shown}")
+        raise DatasetNotFoundError(f"{len(missing)} class folders missing, e.g. {', '.join(missing[:3])}; "
+                                   f"expected layout: {LAYOUT}; {HOW}")
+    empty = [os.path.join(imagenet_root, s, c) for s in splits for c in classes
+             if not any(True for _ in os.scandir(os.path.join(imagenet_root, s, c)))]
+    if empty:
+        raise EmptyDatasetError(f"{len(empty)} class folders are empty, e.g. {', '.join(empty[:3])}; "
+                                f"expected layout: {LAYOUT}; {HOW}")
     if os.path.lexists(output) and not overwrite:
         raise SystemExit(f"{output} exists; pass --overwrite to replace it")
     parent = os.path.dirname(output)
@@ -110,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    script_main(main, result_is_status=False)

@@ -12,18 +12,25 @@ redistributed here. This script shifts the classes to 0..58 and maps background 
 (ignored), mmsegmentation's ``reduce_zero_label`` for PC-59, and writes
 ``annotations_detectron2/pc59_{split}/<id>.png`` (registered as ``pascal_context_59_sem_seg_*``).
 Values above 59 are rejected. Files are written atomically; existing ones are kept unless
-``--overwrite``.
+``--overwrite``. A missing input folder / list or an empty list is one ``error:`` line (exit
+status 2); an unreadable label map is a warning, is skipped and counted (exit status 1).
 """
 import argparse
 import os
 import sys
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
+from hiseg.dataset_checks import require_files, require_input  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
+
+LAYOUT = ("<voc-root>/SegmentationClassContext/<id>.png and "
+          "<voc-root>/ImageSets/SegmentationContext/{train,val}.txt")
+HOW = "run mmsegmentation's tools/dataset_converters/pascal_context.py first, or pass --voc-root"
 
 
 def pc59_labels(label: np.ndarray) -> np.ndarray:
@@ -43,27 +50,31 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     src = os.path.join(args.voc_root, "SegmentationClassContext")
-    written = {}
+    written, skipped, total = {}, Skipped("label map"), 0
     for split in args.split:
         list_file = os.path.join(args.voc_root, "ImageSets", "SegmentationContext", f"{split}.txt")
-        for path in (src, list_file):
-            if not os.path.exists(path):
-                raise SystemExit(
-                    f"not found: {path} (run mmsegmentation's pascal_context converter first)"
-                )
+        require_input(src, LAYOUT, HOW)
+        require_input(list_file, LAYOUT, HOW, kind="file")
         with open(list_file) as f:
-            ids = [line.strip() for line in f if line.strip()]
+            ids = require_files([line.strip() for line in f if line.strip()], list_file, "image ids", HOW)
+        total += len(ids)
+        before = len(skipped)
         out_dir = os.path.join(args.voc_root, "annotations_detectron2", f"pc59_{split}")
         for image_id in tqdm(ids, desc=f"pc59 {split}"):
             out = os.path.join(out_dir, image_id + ".png")
             if os.path.isfile(out) and not args.overwrite:
                 continue
-            label = np.asarray(Image.open(os.path.join(src, image_id + ".png")))
+            try:
+                label = read_image(os.path.join(src, image_id + ".png"), format=None)
+            except InputError as e:
+                skipped.add(image_id, str(e))
+                continue
             atomic_save_png(out, pc59_labels(label))
-        written[split] = len(ids)
-        print(f"{split}: {len(ids)} label maps in {out_dir}")
+        written[split] = len(ids) - (len(skipped) - before)
+        print(f"{split}: {written[split]} label maps in {out_dir}")
+    skipped.finish(total)
     return written
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -17,6 +17,10 @@ Outputs (registered as ``voc_2012_sem_seg_train_aug``)::
 Where an image has both an SBD and an official label map, the official one is used (it marks
 object borders 255). This gives the 10582 training images of DeepLab's "train_aug". Every file
 is written atomically. ``--sbd-only`` converts the SBD maps alone (no VOC files needed, no list).
+
+A missing input folder or list, or an empty ``cls/`` folder, is one ``error:`` line (exit status
+2); an unreadable ``.mat`` / label PNG is a warning, is skipped and counted, and then
+``train_aug.txt`` is not written (exit status 1).
 """
 import argparse
 import os
@@ -28,7 +32,16 @@ from scipy.io import loadmat
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, atomic_write  # noqa: E402
+from hiseg.dataset_checks import reading, require_files, require_input  # noqa: E402
+from hiseg.image_io import InputError, verify_image  # noqa: E402
+
+SBD_LAYOUT = "<sbd-root>/cls/<id>.mat and <sbd-root>/{train,val}.txt"
+SBD_HOW = ("download benchmark.tgz (SBD, http://home.bharathh.info/pubs/codes/SBD/download.html) and "
+           "unpack it to <root>/SBD, or pass --sbd-root")
+VOC_LAYOUT = "<voc-root>/SegmentationClass/<id>.png and <voc-root>/ImageSets/Segmentation/{train,val}.txt"
+VOC_HOW = "download VOCtrainval_11-May-2012.tar and unpack it to <root>/VOC2012 (or pass --voc-root / --sbd-only)"
 
 NUM_CLASSES = 21  # background + 20
 
@@ -41,8 +54,10 @@ def read_ids(path):
 
 
 def sbd_class_map(mat_path) -> np.ndarray:
-    """The uint8 class map of one SBD ``cls/*.mat`` file (``GTcls.Segmentation``)."""
-    gt = loadmat(mat_path)["GTcls"][0, 0]
+    """The uint8 class map of one SBD ``cls/*.mat`` file (``GTcls.Segmentation``); InputError
+    for a truncated or damaged file."""
+    with reading(mat_path, "SBD .mat file"):
+        gt = loadmat(mat_path)["GTcls"][0, 0]
     seg = np.asarray(gt["Segmentation"])
     if seg.dtype == object:  # some scipy versions keep one more level of nesting
         seg = seg.item()
@@ -54,7 +69,9 @@ def sbd_class_map(mat_path) -> np.ndarray:
 
 
 def voc_class_map(png_path) -> np.ndarray:
-    """Class indices of an official VOC label PNG (palette indices, not colours)."""
+    """Class indices of an official VOC label PNG (palette indices, not colours); InputError for
+    a truncated, empty or non-image file."""
+    verify_image(png_path)
     image = Image.open(png_path)
     if image.mode not in ("P", "L"):
         raise ValueError(f"{png_path}: expected a palette or grayscale PNG, got mode {image.mode}")
@@ -79,37 +96,47 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cls_dir = os.path.join(args.sbd_root, "cls")
-    if not os.path.isdir(cls_dir):
-        raise SystemExit(f"SBD class maps not found: {cls_dir}")
+    cls_dir = require_input(os.path.join(args.sbd_root, "cls"), SBD_LAYOUT, SBD_HOW)
     seg_dir = os.path.join(args.voc_root, "SegmentationClass")
     sets_dir = os.path.join(args.voc_root, "ImageSets", "Segmentation")
     voc_train = read_ids(os.path.join(sets_dir, "train.txt"))
     voc_val = read_ids(os.path.join(sets_dir, "val.txt"))
     if not args.sbd_only:
         have_lists = voc_train is not None and voc_val is not None
-        for path, ok in ((seg_dir, os.path.isdir(seg_dir)), (sets_dir, have_lists)):
-            if not ok:
-                raise SystemExit(f"VOC2012 files not found: {path} (or pass --sbd-only)")
+        require_input(seg_dir, VOC_LAYOUT, VOC_HOW)
+        if not have_lists:
+            require_input(os.path.join(sets_dir, "train.txt" if voc_train is None else "val.txt"),
+                          VOC_LAYOUT, VOC_HOW, kind="file")
 
-    sbd_ids = sorted(f[:-4] for f in os.listdir(cls_dir) if f.endswith(".mat"))
+    skipped = Skipped("label map")
+    sbd_ids = require_files(sorted(f[:-4] for f in os.listdir(cls_dir) if f.endswith(".mat")), cls_dir,
+                            "*.mat", SBD_HOW)
+    written = set()
     for image_id in tqdm(sbd_ids, desc="SBD .mat -> png"):
-        atomic_save_png(
-            os.path.join(args.output, image_id + ".png"),
-            sbd_class_map(os.path.join(cls_dir, image_id + ".mat")),
-        )
-    written = set(sbd_ids)
+        try:
+            label = sbd_class_map(os.path.join(cls_dir, image_id + ".mat"))
+        except InputError as e:
+            skipped.add(image_id, str(e))
+            continue
+        atomic_save_png(os.path.join(args.output, image_id + ".png"), label)
+        written.add(image_id)
     if args.sbd_only:
-        print(f"wrote {len(sbd_ids)} SBD label maps to {args.output}")
+        print(f"wrote {len(written)} SBD label maps to {args.output}")
+        skipped.finish(len(sbd_ids))
         return {"sbd": sbd_ids, "voc": [], "train_aug": None}
 
     voc_ids = sorted(f[:-4] for f in os.listdir(seg_dir) if f.endswith(".png"))
     for image_id in tqdm(voc_ids, desc="VOC png -> png"):
-        atomic_save_png(
-            os.path.join(args.output, image_id + ".png"),
-            voc_class_map(os.path.join(seg_dir, image_id + ".png")),
-        )
-    written |= set(voc_ids)
+        try:
+            label = voc_class_map(os.path.join(seg_dir, image_id + ".png"))
+        except InputError as e:
+            skipped.add(image_id, str(e))
+            continue
+        atomic_save_png(os.path.join(args.output, image_id + ".png"), label)
+        written.add(image_id)
+    if skipped:
+        print(f"wrote {len(written)} label maps to {args.output}; train_aug.txt not written")
+        skipped.finish(len(sbd_ids) + len(voc_ids))
 
     sbd_train = read_ids(os.path.join(args.sbd_root, "train.txt")) or []
     sbd_val = read_ids(os.path.join(args.sbd_root, "val.txt")) or []
@@ -128,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, result_is_status=False)

@@ -16,6 +16,7 @@ from .errors import ConfigError, SkippedInputsError, UserError
 
 __all__ = [
     "run_cli",
+    "script_main",
     "one_line",
     "merge_config",
     "config_keys",
@@ -46,8 +47,9 @@ def _missing_file_line(e: FileNotFoundError) -> str:
     return f"{name}: no such file or directory; {hint}"
 
 
-def run_cli(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
-    """Call ``main(argv)`` and return an exit status: ``main``'s own if it returns an int, else 0.
+def run_cli(main: Callable, argv: Optional[Sequence[str]] = None, result_is_status: bool = True) -> int:
+    """Call ``main(argv)`` and return an exit status: ``main``'s own if it returns an int (and
+    ``result_is_status``; prepare scripts return counts, not statuses), else 0.
 
     A :class:`UserError` is printed as ``error: <message>`` (one line, stderr) and gives its
     ``exit_code``; so is a ``FileNotFoundError`` (a path that does not exist), with status 2.
@@ -61,9 +63,18 @@ def run_cli(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {_missing_file_line(e)}", file=sys.stderr, flush=True)
         return 2
-    if isinstance(result, bool):
-        return 0 if result else 1
+    if not result_is_status or isinstance(result, bool):
+        return 0
     return result if isinstance(result, int) else 0
+
+
+def script_main(main: Callable, result_is_status: bool = True) -> None:
+    """``run_cli(main)`` for a script's ``if __name__ == "__main__":`` block; exits
+    (``SystemExit``) only with a non-zero status, so that a script run with ``runpy`` returns
+    normally when it succeeds."""
+    status = run_cli(main, result_is_status=result_is_status)
+    if status:
+        raise SystemExit(status)
 
 
 # ------------------------------------------------------------------------------------------------

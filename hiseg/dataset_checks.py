@@ -8,17 +8,22 @@
   ``AssertionError("Dataset 'x' is empty!")`` / ``"No valid data found in x."`` becomes an
   :class:`~hiseg.errors.EmptyDatasetError` naming the dataset's files.
 * :func:`require_input` / :func:`require_files` for ``datasets/prepare_*.py``: a missing
-  download folder / an empty one, with the expected layout and what to download.
+  download folder / an empty one, with the expected layout and what to download;
+  :func:`read_json` and :func:`reading` for their input files (invalid JSON, a truncated
+  ``.mat``), raising :class:`~hiseg.errors.InputError` naming the file.
 """
 import contextlib
 import difflib
+import json
 import os
 import re
+import struct
+import zlib
 from typing import Iterable, List, Sequence
 
-from hiseg.errors import ConfigError, DatasetNotFoundError, EmptyDatasetError
+from hiseg.errors import ConfigError, DatasetNotFoundError, EmptyDatasetError, InputError
 
-__all__ = ["check_datasets", "dataset_errors", "require_input", "require_files"]
+__all__ = ["check_datasets", "dataset_errors", "require_input", "require_files", "read_json", "reading"]
 
 # metadata fields of detectron2's built-in datasets that name files or folders
 _PATH_FIELDS = ("json_file", "image_root", "sem_seg_root", "panoptic_root", "panoptic_json", "gt_dir",
@@ -121,3 +126,38 @@ def require_files(files: Sequence[str], where: str, pattern: str, how: str) -> L
         raise EmptyDatasetError(f"{where}: no input files ({pattern}) in it, nothing to convert; {how}")
     return list(files)
 
+
+
+@contextlib.contextmanager
+def reading(path: str, what: str = "file"):
+    """Inside the block, a decoder's failure on ``path`` (truncated or damaged data: OSError,
+    ValueError, EOFError, IndexError, zlib / struct errors, SciPy's MatReadError) becomes an
+    :class:`InputError` naming the file and ``what`` it should be."""
+    try:
+        yield
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found; check the path") from None
+    except (OSError, ValueError, EOFError, IndexError, KeyError, struct.error, zlib.error) as e:
+        raise InputError(f"{path}: unreadable {what}, truncated or damaged ({type(e).__name__}: {e}); "
+                         f"re-download it") from None
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ != "MatReadError":  # scipy.io's, without importing scipy here
+            raise
+        raise InputError(f"{path}: unreadable {what}, truncated or damaged ({e}); re-download it") from None
+
+
+def read_json(path: str, what: str = "JSON file"):
+    """The parsed JSON of ``path``; :class:`InputError` naming the file, line and column for
+    invalid or truncated JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found; check the path") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; "
+                         f"{os.path.getsize(path)} bytes): truncated or not a {what}? re-download it") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file, not a {what}; give the {what}") from None
