@@ -290,6 +290,11 @@ def oap_fast(
     Returns:
         one :class:`PseudoMasks` per image, tensors on the input's device.
     """
+    if torch.is_autocast_enabled(features.device.type):
+        # under AMP (e.g. the teacher of an autocast training step) the products below would run
+        # in half precision and mix dtypes: OAP always computes in ``dtype``
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return oap_fast(features, config, dtype, chunk_elems)
     cfg = config or OAPConfig()
     Fb, h, w = flatten_normalized(features, dtype)
     B, n, d = Fb.shape
