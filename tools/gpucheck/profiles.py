@@ -1,0 +1,136 @@
+"""Sizes of the GPU check: ``FULL`` (the papers' settings, for a CUDA machine) and ``QUICK``
+(tiny models and images: the same code paths on a CPU in about a minute, for the test suite).
+
+Config files are the project's own (paths relative to the repository root); ``*_opts`` are
+detectron2 ``KEY VALUE`` overrides applied after them. Every model computes its superpixels with
+``slic_torch`` on its own device (the device image's OpenCV has no ``ximgproc``, so no SEEDS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+#: no dropout / stochastic depth in the fp32-vs-AMP step comparison: both steps must compute the
+#: same function, and dropout masks drawn in different dtypes are not guaranteed to coincide
+_NO_DROPOUT_CAST = ("MODEL.CAST.POOL_DROPOUT", "0.0", "MODEL.CAST.DROP_PATH_RATE", "0.0")
+_SLIC_TORCH = ("MODEL.CAST.SUPERPIXEL.METHOD", "slic_torch")
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    label: str  # e.g. "CAST-S / ViT-S"
+    cast_name: str
+    vit_name: str
+    cast_config: str
+    cast_opts: Tuple[str, ...]
+    vit_embed_dim: int
+    vit_depth: int
+    vit_num_heads: int
+    vit_patch: int = 16
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    budget_s: float  # wall-time budget of the whole run, imports and warm-up included
+    # slic_torch, CUDA vs CPU
+    slic_images: int
+    slic_size: int
+    slic_k: int
+    # OAP fast vs reference: (B, C, h, w) of the structured and the random feature maps
+    oap_structured: Tuple[int, int, int, int]
+    oap_random: Tuple[int, int, int, int]
+    # CAST forward, CUDA vs CPU
+    cast_config: str
+    cast_opts: Tuple[str, ...]
+    cast_batch: int
+    cast_size: int
+    cast_k: int
+    # one AMP training step per meta-architecture
+    moco_config: str
+    moco_opts: Tuple[str, ...]
+    moco_batch: int
+    moco_size: int
+    sem_config: str
+    sem_opts: Tuple[str, ...]
+    sem_sizes: Tuple[Tuple[int, int], ...]
+    oap_config: str
+    oap_opts: Tuple[str, ...]
+    oap_batch: int
+    oap_size: int
+    oap_local_crops: int
+    oap_local_size: int
+    # speed: CAST vs ViT
+    speed_models: Tuple[SpeedModel, ...]
+    speed_batch: int
+    speed_size: int
+    speed_k: int
+    speed_reps: Tuple[int, int]  # at least, at most (the budget decides in between)
+    # speed: OAP vs MaskCut on (B, C, h, w) maps; ViT keys from images of ``oap_image_size``
+    oap_speed: Tuple[int, int, int, int]
+    oap_image_size: int
+    oap_vit: Tuple[int, int, int, int]  # patch, embed_dim, depth, heads
+    maskcut_images: Tuple[int, int]  # at least, at most per feature kind
+    # speed: OAP's share of an OAPSegmentor training step
+    step_config: str
+    step_opts: Tuple[str, ...]
+    step_batch: int
+    step_size: int
+    step_local_crops: int
+    step_local_size: int
+    step_steps: Tuple[int, int]
+
+
+FULL = Profile(
+    name="full",
+    budget_s=400.0,
+    slic_images=16, slic_size=224, slic_k=196,
+    oap_structured=(2, 768, 56, 56), oap_random=(2, 64, 24, 24),
+    cast_config="configs/CAST/Base-CAST-S.yaml", cast_opts=(), cast_batch=4, cast_size=224, cast_k=196,
+    moco_config="configs/CAST/moco_cast_s_in1k.yaml", moco_opts=_SLIC_TORCH + _NO_DROPOUT_CAST,
+    moco_batch=8, moco_size=224,
+    sem_config="configs/CAST/semseg_cast_s_voc_finetune.yaml",
+    sem_opts=_SLIC_TORCH + _NO_DROPOUT_CAST + ("MODEL.WEIGHTS", ""),
+    sem_sizes=((512, 512), (448, 512)),
+    oap_config="configs/OAP/oap_vit_b8_in1k.yaml", oap_opts=("MODEL.WEIGHTS", "", "MODEL.VIT.DROP_PATH_RATE", "0.0"),
+    oap_batch=2, oap_size=448, oap_local_crops=2, oap_local_size=224,
+    speed_models=(
+        SpeedModel("CAST-S / ViT-S", "CAST-S", "ViT-S/16", "configs/CAST/Base-CAST-S.yaml", (), 384, 12, 6),
+        SpeedModel("CAST-B / ViT-B", "CAST-B", "ViT-B/16", "configs/CAST/Base-CAST-B.yaml", (), 768, 12, 12),
+    ),
+    speed_batch=64, speed_size=224, speed_k=196, speed_reps=(3, 15),
+    oap_speed=(16, 768, 56, 56), oap_image_size=448, oap_vit=(8, 768, 12, 12), maskcut_images=(1, 2),
+    step_config="configs/OAP/oap_vit_b8_in1k.yaml", step_opts=("MODEL.WEIGHTS", ""),
+    step_batch=16, step_size=448, step_local_crops=4, step_local_size=224, step_steps=(2, 5),
+)
+
+_TINY_CAST = ("MODEL.CAST.EMBED_DIM", "48", "MODEL.CAST.NUM_HEADS", "4", "MODEL.CAST.DEPTHS", "[1, 1, 1, 1]",
+              "MODEL.CAST.NUM_SEGMENTS", "[16, 8, 4, 2]")
+
+QUICK = Profile(
+    name="quick",
+    budget_s=110.0,
+    slic_images=2, slic_size=48, slic_k=24,
+    oap_structured=(1, 32, 12, 12), oap_random=(2, 16, 8, 10),
+    cast_config="configs/CAST/Base-CAST-S.yaml", cast_opts=_TINY_CAST, cast_batch=2, cast_size=64, cast_k=32,
+    moco_config="configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml",
+    # batch 8 and the quick config's 512-d projector: smaller ones make the random-init InfoNCE so
+    # ill-conditioned (batch norm over near-identical embeddings) that bf16 moves the loss by 2-4%
+    moco_opts=_SLIC_TORCH + _NO_DROPOUT_CAST + _TINY_CAST,
+    moco_batch=8, moco_size=64,
+    sem_config="configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml", sem_opts=_SLIC_TORCH + _NO_DROPOUT_CAST,
+    sem_sizes=((64, 64), (48, 64)),
+    oap_config="configs/OAP/quick/oap_vit_tiny_coco_sample_cpu.yaml",
+    oap_opts=("MODEL.VIT.DROP_PATH_RATE", "0.0"),
+    oap_batch=2, oap_size=64, oap_local_crops=1, oap_local_size=64,
+    speed_models=(
+        SpeedModel("CAST-S / ViT-S (tiny: 48-d)", "CAST-S (48-d)", "ViT (48-d)", "configs/CAST/Base-CAST-S.yaml",
+                   _TINY_CAST, 48, 4, 4),
+    ),
+    speed_batch=2, speed_size=64, speed_k=32, speed_reps=(2, 2),
+    oap_speed=(2, 32, 8, 8), oap_image_size=64, oap_vit=(8, 32, 2, 2), maskcut_images=(1, 1),
+    step_config="configs/OAP/quick/oap_vit_tiny_coco_sample_cpu.yaml", step_opts=(),
+    step_batch=2, step_size=64, step_local_crops=1, step_local_size=64, step_steps=(1, 1),
+)
+
+PROFILES = {"full": FULL, "quick": QUICK}
