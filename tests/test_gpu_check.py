@@ -90,7 +90,8 @@ def test_quick_cpu_run_writes_every_table_and_row(tmp_path):
     oap = _table(tables, "OAP pseudo-masks on")
     assert [r[0].split(" ")[0] for r in oap] == ["ViT/8", "structured", "i.i.d."]
     for row in oap:
-        assert row[2] in ("met", "missed") and row[8] in ("met", "missed") and row[7].endswith("x"), row
+        assert row[2] in ("met", "missed") and row[9] in ("met", "missed") and row[8].endswith("x"), row
+        assert float(row[4]) < float(row[1]), row  # the affinity product is a part of OAP
 
     step = _table(tables, "OAP's share of one OAPSegmentor training step")
     assert [r[0] for r in step] == ["AMP bf16", "fp32"]

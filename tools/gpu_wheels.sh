@@ -83,5 +83,12 @@ fi
 dups="$(ls "$site"/*.whl | xargs -n1 basename | cut -d- -f1 | sort | uniq -d)"
 if [ -n "$dups" ]; then echo "[gpu_wheels] more than one wheel of: $dups (delete the old ones)" >&2; exit 1; fi
 
+# the device's own install, dry: the set must install for CPython 3.12 without an index
+check="$(mktemp -d)"
+"$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$check" --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --only-binary=:all: "$site"/*.whl
+test -f "$check/detectron2/_C.py" && compgen -G "$check/pycocotools/_mask*.so" >/dev/null
+rm -rf "$check"
+
 "$py" tools/gpu_check.py --write-stamp "$site/STAMP.json"
 echo "[gpu_wheels] $(ls "$site"/*.whl | wc -l) wheels, $(du -sh "$site" | cut -f1) in $site"

@@ -344,6 +344,12 @@ def environment_lines(device: torch.device) -> List[str]:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     lines.append(f"* torch {torch.__version__}, CUDA {cuda}, cuDNN {cudnn or 'none'}")
     if device.type == "cuda":
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,temperature.gpu",
+                                     "--format=csv,noheader"], capture_output=True, text=True, timeout=15).stdout
+            lines.append(f"* nvidia-smi: driver, SM clock, max SM clock, temperature = {driver.strip() or '?'}")
+        except (OSError, subprocess.SubprocessError):
+            lines.append("* nvidia-smi: not available")
         p = torch.cuda.get_device_properties(device)
         lines.append(f"* device: {p.name}, compute capability {p.major}.{p.minor}, "
                      f"{p.total_memory / 2 ** 30:.0f} GiB, {p.multi_processor_count} SMs; "
