@@ -62,6 +62,7 @@ _NUMPY_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles (as torch's weights_only reader allows)
 }
 
 
@@ -142,7 +143,7 @@ def _truncated(path: str, size: int) -> CheckpointError:
 
 def _refused(path: str, name: str) -> CheckpointError:
     return CheckpointError(
-        f"{path}: refused to read it: it holds a Python object of type {name}, and only tensors, NumPy "
+        f"{path}: refused to unpickle it: it holds a Python object of type {name}, and only tensors, NumPy "
         f"arrays, numbers, strings, containers and argparse.Namespace are unpickled here, never arbitrary "
         f"objects (unpickling them can run code); save the weights alone (e.g. "
         f"torch.save({{'model': model.state_dict()}}, ...)) where the file was made")
@@ -281,19 +282,16 @@ def _check_tensors(path: str, checkpoint: Mapping) -> None:
 
 
 def _spread(keys: Iterable[str], n: int = 3) -> List[str]:
-    """Up to ``n`` keys from different top-level parts (``backbone.``, ``roi_heads.``...)."""
-    keys = list(keys)
-    seen, out = set(), []
+    """Up to ``n`` of ``keys``, taken in turn from each top-level part (``backbone.``,
+    ``roi_heads.``, ...), so that the examples show where the mismatch is."""
+    groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for k in keys:
-        root = ".".join(k.split(".")[:2])
-        if root not in seen:
-            seen.add(root)
-            out.append(k)
-        if len(out) == n:
-            return out
-    for k in keys:
-        if k not in out and len(out) < n:
-            out.append(k)
+        groups.setdefault(k.split(".")[0], []).append(k)
+    out: List[str] = []
+    while len(out) < n and any(groups.values()):
+        for part in list(groups):
+            if groups[part] and len(out) < n:
+                out.append(groups[part].pop(0))
     return out
 
 

@@ -93,7 +93,7 @@ def config_keys(cfg, prefix: str = "") -> List[str]:
 def nearest_keys(key: str, valid: Sequence[str], n: int = 3) -> List[str]:
     """Valid keys closest to ``key`` (``difflib``): keys with the same last part (a key put under
     the wrong node), then keys of the same node with a similar last part, then keys anywhere with
-    a similar last part, then similar full names."""
+    a similar last part; similar full names only when none of those exist."""
     parent, _, leaf = key.rpartition(".")
     split = [(k, *k.rpartition(".")[::2]) for k in valid]  # (key, parent, leaf)
 
@@ -106,9 +106,10 @@ def nearest_keys(key: str, valid: Sequence[str], n: int = 3) -> List[str]:
     leaves = close(leaf, [l for _, _, l in split], 0.75)
     near_leaf = sorted((k for k, _, l in split if l in leaves),
                        key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())
-    near_full = difflib.get_close_matches(key, valid, n=n, cutoff=0.85)
+    found = same_leaf + near_sibling + near_leaf
+    near_full = [] if found else difflib.get_close_matches(key, valid, n=n, cutoff=0.85)
     out = []
-    for k in same_leaf + near_sibling + near_leaf + near_full:
+    for k in found + near_full:
         if k not in out and k != key:
             out.append(k)
     return out[:n]

@@ -97,6 +97,18 @@ def _header_size(head: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _image_magic(head: bytes) -> str:
+    """The image format whose signature ``head`` starts with, or ""."""
+    signatures = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                  (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+    for magic, name in signatures:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return ""
+
+
 @contextlib.contextmanager
 def _strict_decoding():
     """PIL refuses truncated files inside the block (whatever another module set)."""
@@ -142,13 +154,17 @@ def _open_checked(path: str):
         size = _header_size(head)
         if size is not None and 0 in size:
             raise _zero_size(path, size) from None
+        kind = _image_magic(head)
+        if kind:
+            raise InputError(f"{path}: truncated or damaged {kind} image ({os.path.getsize(path)} bytes; its "
+                             f"header or data is incomplete, no decoder reads it); {_REDO}") from None
         raise InputError(f"{path}: not a readable image: {describe_file_start(head)}; "
                          f"give an image file (JPEG, PNG, ...)") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{path}: refused, too many pixels ({e}); downscale it first") from None
     except OSError as e:
         size = os.path.getsize(path)
-        if "truncated" in str(e):
+        if "truncated" in str(e).lower():
             raise InputError(f"{path}: truncated image file (its data ends early, {size} bytes); "
                              f"the file is incomplete, {_REDO}") from None
         raise InputError(f"{path}: damaged image file, not a readable image ({e}); {_REDO}") from None
