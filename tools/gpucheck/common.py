@@ -144,7 +144,9 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:
-    return "fp32" if dtype is None else f"AMP {str(dtype).replace('torch.', '').replace('bfloat16', 'bf16').replace('float16', 'fp16')}"
+    if dtype is None:
+        return "fp32"
+    return "AMP " + {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 @contextlib.contextmanager

@@ -469,7 +469,8 @@ def amp_step(table: Table, label: str, cfg, batch: List[Dict], device: torch.dev
     measured = (f"loss fp32 {r32['loss']:.4f}, {precision_name(dtype)} {ramp['loss']:.4f} (rel. {100 * rel:.2f}%); "
                 f"{ramp['with_grad']}/{ramp['trainable']} trainable tensors got gradients, "
                 f"{'all finite' if not ramp['bad'] else 'NON-FINITE in ' + ramp['bad'][0]}; params finite after the "
-                f"step: {'yes' if ramp['params_ok'] else 'NO'}; gradient cosine {cos:.3f}, norm ratio {norm_ratio:.3f}; "
+                f"step: {'yes' if ramp['params_ok'] else 'NO'}; gradient cosine {cos:.3f}, "
+                f"norm ratio {norm_ratio:.3f}; "
                 f"step {ramp['seconds']:.2f} s (fp32 {r32['seconds']:.2f} s)")
     table.add(f"{precision_name(dtype)} training step: {label}", _status(ok), measured,
               f"finite loss, gradients and parameters; loss within {100 * loss_tol:g}% of fp32", why)
@@ -484,7 +485,8 @@ def check_amp_steps(table: Table, device: torch.device, prof, dtype: torch.dtype
          "bf16 keeps 8 significant bits (rel. 4e-3 per rounding); measured with CPU autocast: CAST-S, batch 8 "
          "at 224: 0.4%; the quick run's 48-d model: 1%"),
         ("CASTSemanticSegmentor", lambda: build_cfg(prof.sem_config, prof.sem_opts, device),
-         lambda cfg: semantic_batch(prof.sem_sizes, cfg.MODEL.CAST_SEM_SEG.NUM_CLASSES, cfg.MODEL.CAST_SEM_SEG.IGNORE_VALUE),
+         lambda cfg: semantic_batch(prof.sem_sizes, cfg.MODEL.CAST_SEM_SEG.NUM_CLASSES,
+                                    cfg.MODEL.CAST_SEM_SEG.IGNORE_VALUE),
          0.05, "as CASTMoCo (a smooth cross-entropy on the same backbone); measured with CPU autocast: 0.1-0.4%"),
         ("OAPSegmentor", lambda: build_cfg(prof.oap_config, prof.oap_opts, device),
          lambda cfg: oap_batch(prof.oap_batch, prof.oap_size, prof.oap_local_crops, prof.oap_local_size), 0.10,
