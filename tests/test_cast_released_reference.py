@@ -320,3 +320,102 @@ def test_our_options_are_different_functions(tmp_path, option, pooling):
         out = encoder(images, labels)
     ref_cls, _, _ = released_forward(sd, images[0], labels[0], pooling=pooling)
     assert (out["cls"][0].double() - ref_cls).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# the converted file says which config values it needs, and loading checks them
+QUICK = os.path.join(ROOT, "configs", "CAST", "quick", "moco_cast_tiny_skimage_cpu.yaml")  # 96-d, [1,1,1,1]
+
+
+def _train_net():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ref_train_net", os.path.join(ROOT, "tools", "train_net.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _convert_tiny(tmp_path, capsys):
+    """An official MoCo-layout CAST (96-d, 4 groups of 1 block) converted by the tool."""
+    import importlib.util
+
+    src, dst = tmp_path / "checkpoint_0099.pth.tar", tmp_path / "converted.pth"
+    write_moco(random_official_cast(dim=96, depths=[1, 1, 1, 1]), src)
+    spec = importlib.util.spec_from_file_location("_ref_convert", os.path.join(ROOT, "tools", "convert_cast_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--input", str(src), "--output", str(dst), "--num-heads", "4"]) == 0
+    return dst, capsys.readouterr().out
+
+
+def _eval_only(tmp_path, weights, *opts):
+    import contextlib
+    import io
+
+    from hiseg.cli import run_cli
+
+    err = io.StringIO()
+    argv = ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"),
+            "DATASETS.TEST", "()", *opts]
+    with contextlib.redirect_stderr(err):
+        rc = run_cli(_train_net().cli, argv)
+    return rc, err.getvalue()
+
+
+def test_converter_prints_and_stores_the_values_the_weights_need(tmp_path, capsys):
+    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY
+
+    dst, out = _convert_tiny(tmp_path, capsys)
+    assert "MODEL.CAST.TOKEN_POOL_MODE: nearest" in out and "MODEL.CAST.EMPTY_TOKENS: attend" in out
+    assert "on the command line: MODEL.CAST.EMBED_DIM 96" in out
+    meta = read_checkpoint(str(dst))[WEIGHTS_CONFIG_KEY]
+    assert meta["required"]["MODEL.CAST.DEPTHS"] == [1, 1, 1, 1] and meta["holds"] == "backbone.encoder."
+    assert meta["trained_with"] == {"MODEL.CAST.TOKEN_POOL_MODE": "nearest", "MODEL.CAST.EMPTY_TOKENS": "attend",
+                                    "MODEL.CAST.NUM_HEADS": 4, "MODEL.CAST.KAPPA": 5.0}
+
+
+def test_loading_with_other_values_fails_in_one_line(tmp_path, capsys):
+    dst, _ = _convert_tiny(tmp_path, capsys)
+    # the issue's case: a bilinear config evaluates weights trained with nearest pooling
+    rc, err = _eval_only(tmp_path, dst, "MODEL.CAST.TOKEN_POOL_MODE", "bilinear")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "MODEL.CAST.TOKEN_POOL_MODE: 'nearest' (this config: 'bilinear')" in lines[0]
+    assert str(dst) in lines[0]
+    # a shape-level value fails always, with the fix on the line
+    rc, err = _eval_only(tmp_path, dst, "MODEL.CAST.EMBED_DIM", "48")
+    assert rc == 2 and "MODEL.CAST.EMBED_DIM: 96 (this config: 48)" in err and "MODEL.CAST.EMBED_DIM 96" in err
+    # deliberately evaluating with other settings
+    rc, err = _eval_only(tmp_path, dst, "MODEL.CAST.TOKEN_POOL_MODE", "bilinear", "HISEG.WEIGHTS_CONFIG_CHECK", "warn")
+    assert rc == 0, err
+
+
+def test_expected_missing_keys_are_one_line(tmp_path, capsys, caplog):
+    import logging
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from hiseg.engine import AtomicDetectionCheckpointer
+    from hiseg.setup import add_all_configs
+
+    dst, _ = _convert_tiny(tmp_path, capsys)
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_file(QUICK)
+    model = build_model(cfg)
+    with caplog.at_level(logging.INFO):
+        AtomicDetectionCheckpointer(model, cfg=cfg, evaluating=True).load(str(dst))
+    text = [r.getMessage() for r in caplog.records]
+    summary = [t for t in text if "as expected" in t]
+    assert len(summary) == 1 and "momentum_backbone" in summary[0] and "projector" in summary[0]
+    assert not any("not found in checkpoint" in t for t in text), text
+    assert torch.equal(model.backbone.encoder.cls_token, read_cls(dst))
+
+
+def read_cls(path):
+    from hiseg.checkpoint_io import read_checkpoint
+
+    return read_checkpoint(str(path))["model"]["backbone.encoder.cls_token"]

@@ -39,7 +39,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = HisegTrainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg, evaluating=True).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = HisegTrainer.test(cfg, model)
         if torch.cuda.is_available() and cfg.TEST.EXPECTED_RESULTS:
             verify_results(cfg, res)

@@ -7,13 +7,18 @@ temporary file in the same folder, flushed to disk, and moved into place with ``
 
 Loading goes through :class:`hiseg.checkpoint_io.SafeDetectionCheckpointer`: no unrestricted
 unpickling, a one-line error for a file that is not a checkpoint or belongs to another model.
+Given the config (``cfg=``), loading also checks the config values a converted checkpoint stores
+(``hiseg.engine.weights_config``) and reports the model tensors such a file is not meant to hold
+in one line.
 """
 import os
 import tempfile
 
 import torch
+from fvcore.common.checkpoint import get_missing_parameters_message
 
 from ..checkpoint_io import SafeDetectionCheckpointer
+from .weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write"]
 
@@ -38,6 +43,39 @@ def atomic_write(path: str, write_fn, binary: bool = True) -> None:
 
 
 class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
+    def __init__(self, model, save_dir: str = "", *, cfg=None, evaluating: bool = False, **checkpointables):
+        """``cfg``: check a converted checkpoint's stored config values against it;
+        ``evaluating``: the weights are loaded to be evaluated, which makes the check of the
+        settings they were trained with strict (:func:`~hiseg.engine.weights_config.check_weights_config`)."""
+        super().__init__(model, save_dir, **checkpointables)
+        self._cfg = cfg
+        self._evaluating = evaluating
+        self._weights_meta = None
+
+    def _load_model(self, checkpoint):
+        meta = checkpoint.pop(WEIGHTS_CONFIG_KEY, None) if isinstance(checkpoint, dict) else None
+        self._weights_meta = meta
+        if meta and self._cfg is not None:
+            path = getattr(self, "_loading_path", "") or "checkpoint"
+            check_weights_config(self._cfg, meta, path, self._evaluating, self.logger)
+        return super()._load_model(checkpoint)
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """One line for the tensors a converted file never held; the rest as detectron2 does."""
+        if not (self._weights_meta and incompatible.missing_keys):
+            return super()._log_incompatible_keys(incompatible)
+        line, rest = summarize_expected_missing(incompatible.missing_keys, self._weights_meta)
+        if line:
+            self.logger.info(line)
+        missing = list(incompatible.missing_keys)
+        incompatible.missing_keys[:] = []
+        try:
+            super()._log_incompatible_keys(incompatible)
+        finally:
+            incompatible.missing_keys[:] = missing
+        if rest:
+            self.logger.warning(get_missing_parameters_message(rest))
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return

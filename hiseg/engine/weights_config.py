@@ -19,7 +19,9 @@ Nothing here imports a project: keys are dotted config paths compared with the c
 """
 import logging
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
+
+from ..errors import ConfigError
 
 __all__ = ["WEIGHTS_CONFIG_KEY", "WeightsConfigError", "config_value", "weights_config_mismatches",
            "check_weights_config", "summarize_expected_missing"]
@@ -28,8 +30,9 @@ WEIGHTS_CONFIG_KEY = "hiseg_weights_config"
 _MISSING = object()
 
 
-class WeightsConfigError(ValueError):
-    """A checkpoint's stored config values disagree with the config it is loaded into."""
+class WeightsConfigError(ConfigError, ValueError):
+    """A checkpoint's stored config values disagree with the config it is loaded into (a user
+    error: the entry points print it as one line)."""
 
 
 def config_value(cfg, dotted: str) -> Any:
