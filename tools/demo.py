@@ -154,15 +154,20 @@ def _encoder_state_dict(state):
     return out
 
 
-def load_encoder_weights(encoder, weights: str):
+def load_encoder_weights(encoder, weights: str, cfg=None):
     """Load ``weights`` into the encoder (hiseg's safe DetectionCheckpointer); returns
-    (matched, total)."""
+    (matched, total). With ``cfg``, the config values a converted checkpoint stores are checked
+    as for evaluation (``hiseg.engine.weights_config``): the demo shows the released model."""
     from hiseg.checkpoint_io import SafeDetectionCheckpointer
+    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config
 
     class _EncoderCheckpointer(SafeDetectionCheckpointer):
         matched = 0
 
         def _load_model(self, checkpoint):
+            meta = checkpoint.pop(WEIGHTS_CONFIG_KEY, None)
+            if meta and cfg is not None:
+                check_weights_config(cfg, meta, weights, evaluating=True, logger=self.logger)
             state = checkpoint["model"]
             if isinstance(state.get("state_dict"), dict):  # e.g. MoCo / DeiT training checkpoints
                 state = state["state_dict"]
@@ -190,7 +195,7 @@ def build_model(cfg, device: str):
 
     backbone = build_cast_backbone(cfg)
     if cfg.MODEL.WEIGHTS:
-        matched, total = load_encoder_weights(backbone.encoder, cfg.MODEL.WEIGHTS)
+        matched, total = load_encoder_weights(backbone.encoder, cfg.MODEL.WEIGHTS, cfg)
         print(f"loaded {matched}/{total} encoder tensors from {cfg.MODEL.WEIGHTS}")
         if matched < total:
             print(f"WARNING: {total - matched} encoder tensors were not in the checkpoint and keep their "
