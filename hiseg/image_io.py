@@ -156,8 +156,8 @@ def _open_checked(path: str):
             raise _zero_size(path, size) from None
         kind = _image_magic(head)
         if kind:
-            raise InputError(f"{path}: truncated or damaged {kind} image ({os.path.getsize(path)} bytes; its "
-                             f"header or data is incomplete, no decoder reads it); {_REDO}") from None
+            raise InputError(f"{path}: not a readable image: a truncated or damaged {kind} file "
+                             f"({os.path.getsize(path)} bytes; its header or data is incomplete); {_REDO}") from None
         raise InputError(f"{path}: not a readable image: {describe_file_start(head)}; "
                          f"give an image file (JPEG, PNG, ...)") from None
     except Image.DecompressionBombError as e:
@@ -165,11 +165,11 @@ def _open_checked(path: str):
     except OSError as e:
         size = os.path.getsize(path)
         if "truncated" in str(e).lower():
-            raise InputError(f"{path}: truncated image file (its data ends early, {size} bytes); "
-                             f"the file is incomplete, {_REDO}") from None
-        raise InputError(f"{path}: damaged image file, not a readable image ({e}); {_REDO}") from None
+            raise InputError(f"{path}: not a readable image: truncated image file (its data ends early, "
+                             f"{size} bytes); the file is incomplete, {_REDO}") from None
+        raise InputError(f"{path}: not a readable image: damaged image file ({e}); {_REDO}") from None
     except (SyntaxError, ValueError, struct.error, EOFError) as e:  # PIL's "broken PNG file" & co.
-        raise InputError(f"{path}: damaged image file, not a readable image "
+        raise InputError(f"{path}: not a readable image: damaged image file "
                          f"({type(e).__name__}: {e}); {_REDO}") from None
     return im
 

@@ -227,7 +227,8 @@ def demo_run(files, tmp_path_factory):
 
 
 def test_truncated_image(files, demo_run, tmp_path, capfd):
-    with pytest.raises(InputError, match=r"truncated.jpg: truncated image file \(its data ends early"):
+    with pytest.raises(InputError, match=r"truncated.jpg: not a readable image: truncated image file \(its data "
+                                         r"ends early"):
         verify_image(files / "truncated.jpg")
     with pytest.raises(InputError, match=r"text.jpg: not a readable image: a text file starting 'not a picture'"):
         read_image(files / "text.jpg")
@@ -235,7 +236,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     # demo: a warning per bad file, the good one written, all counted, status 1
     rc, so, se, out = demo_run
     assert rc == 1
-    assert f"warning: {files / 'truncated.jpg'}: truncated image file" in se
+    assert f"warning: {files / 'truncated.jpg'}: not a readable image: truncated image file" in se
     assert f"warning: {files / 'text.jpg'}: not a readable image" in se
     assert "1 image(s) written" in so and "4 skipped (unreadable)" in so
     assert (out / "good_hierarchy.png").is_file() and not (out / "truncated_hierarchy.png").exists()
@@ -245,7 +246,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     rc, _, se = _run(_tool("generate_pseudo_masks").main,
                      ["--images", files / "good.jpg", files / "truncated.jpg", *TINY_VIT,
                       "--output", tmp_path / "masks.json"])
-    assert rc == 1 and f"warning: {files / 'truncated.jpg'}: truncated image file" in se
+    assert rc == 1 and f"warning: {files / 'truncated.jpg'}: not a readable image: truncated image file" in se
     assert "1 image(s) could not be read and were skipped (1 of 2 written)" in se
 
     # a prepare script: the unreadable label map is skipped and counted, the other one written
@@ -258,8 +259,8 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     (ann / "c.png").write_bytes(png[:40])  # the header alone
     prepare = load_script("prepare_ade20k_sem_seg")
     rc, _, se = _run(prepare.main, ["--ade-root", tmp_path / "ADE", "--split", "validation"])
-    assert rc == 1 and f"warning: {ann / 'b.png'}: truncated image file" in se
-    assert f"warning: {ann / 'c.png'}: truncated or damaged PNG image (40 bytes" in se
+    assert rc == 1 and f"warning: {ann / 'b.png'}: not a readable image: truncated image file" in se
+    assert f"warning: {ann / 'c.png'}: not a readable image: a truncated or damaged PNG file (40 bytes" in se
     assert "error: 2 of 3 label map(s) skipped (unreadable, see the warnings above: b.png, c.png)" in _error_line(se)
     assert (tmp_path / "ADE" / "annotations_detectron2" / "validation" / "a.png").is_file()
 
@@ -267,7 +268,8 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     from detectron2.data.detection_utils import read_image as d2_read_image
 
     mapper = ImageCheckingMapper(lambda d: {"image": d2_read_image(d["file_name"], "RGB")})
-    with pytest.raises(InputError, match="truncated.jpg: truncated image file.*leave it out of the dataset"):
+    with pytest.raises(InputError, match="truncated.jpg: not a readable image: truncated image file.*leave it "
+                                         "out of the dataset"):
         mapper({"file_name": str(files / "truncated.jpg")})
     failing = ImageCheckingMapper(lambda d: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a good image: the mapper's own error stays
@@ -282,7 +284,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
 
     with pytest.raises(InputError) as e:  # re-raised from a worker with its whole traceback as text
         next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1)))
-    assert one_line(e.value).startswith(f"{files / 'truncated.jpg'}: truncated image file")
+    assert one_line(e.value).startswith(f"{files / 'truncated.jpg'}: not a readable image: truncated image file")
 
 
 # ------------------------------------------------------------------------------------------------
