@@ -444,7 +444,8 @@ def test_distributed_bookkeeping(monkeypatch):
     monkeypatch.setattr(crit_mod.dist, "all_reduce", fake_all_reduce)
     torch.manual_seed(1)
     double = crit2(outputs, targets)
-    assert len(calls) == 2  # matched count and centre statistics
+    # matched count, objectness weight, views with a match (SD), centre statistics
+    assert len(calls) == 4
     for key in single:
         assert double[key].item() == pytest.approx(single[key].item(), rel=1e-6)
     assert torch.allclose(crit2.center, center_single, atol=1e-7)

@@ -10,12 +10,16 @@
 """
 import logging
 import os
+import weakref
 from typing import Callable, Dict, List
 
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator)
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import Registry
+from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import coco_evaluator_kwargs
 from ..dataset_checks import dataset_errors
@@ -23,7 +27,7 @@ from ..image_io import ImageCheckingMapper
 from .checkpoint import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
-__all__ = ["HisegTrainer", "build_evaluators", "MAPPER_REGISTRY", "EVALUATOR_FACTORIES"]
+__all__ = ["HisegTrainer", "build_evaluators", "create_ddp_model", "MAPPER_REGISTRY", "EVALUATOR_FACTORIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,15 +145,56 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
+def create_ddp_model(model, **kwargs):
+    """detectron2's ``create_ddp_model`` (DistributedDataParallel when there is more than one
+    process, without ``find_unused_parameters``) that also takes a CPU model: detectron2 passes
+    ``device_ids=[local rank]``, which DistributedDataParallel refuses for a CPU module (gloo
+    training with ``MODEL.DEVICE cpu``)."""
+    if comm.get_world_size() == 1:
+        return model
+    if "device_ids" not in kwargs:
+        device = next(model.parameters()).device
+        kwargs["device_ids"] = None if device.type == "cpu" else [comm.get_local_rank()]
+    return DistributedDataParallel(model, **kwargs)
+
+
 class HisegTrainer(DefaultTrainer):
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # swap in the atomic checkpointer, also inside the periodic-checkpoint hook
-        old = self.checkpointer
-        self.checkpointer = AtomicDetectionCheckpointer(old.model, cfg.OUTPUT_DIR, **old.checkpointables)
-        for h in self._hooks:
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                h.checkpointer = self.checkpointer
+        # DefaultTrainer.__init__ (v0.6 and upstream main do the same steps), with our
+        # create_ddp_model (CPU models too) and the atomic checkpointer (also in the hook).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def train(self):
+        """DefaultTrainer.train; when another process of a multi-process run died, the
+        collective this one waited in fails (gloo: at once, the peer's connection closes; NCCL:
+        after the process group's timeout) and this says so before re-raising."""
+        try:
+            return super().train()
+        except Exception as e:
+            if comm.get_world_size() > 1 and isinstance(e, RuntimeError):  # incl. torch's DistError
+                last = os.path.join(self.cfg.OUTPUT_DIR, "last_checkpoint")
+                tag = open(last).read().strip() if os.path.isfile(last) else None
+                logger.error(
+                    f"rank {comm.get_rank()}/{comm.get_world_size()}: training stopped at iteration {self.iter}: "
+                    f"a collective failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    "another process has probably died. "
+                    + (f"Last complete checkpoint: {os.path.join(self.cfg.OUTPUT_DIR, tag)}; restart with --resume."
+                       if tag else "No checkpoint was written yet."))
+            raise
 
     # detectron2 v0.6's DefaultTrainer does not checkpoint its inner trainer, so the optimizer
     # state was lost on --resume; upstream main saves it under "_trainer". Do the same on v0.6.

@@ -30,6 +30,7 @@ from torch import nn
 
 from hiseg.evaluation.figure_ground import (class_attention_maps_cast, class_attention_maps_vit,
                                             figure_ground_mask)
+from hiseg.modeling.sync_batchnorm import convert_to_sync_batchnorm
 
 __all__ = ["CASTMoCo", "build_mlp", "moco_momentum", "concat_all_gather"]
 
@@ -80,12 +81,25 @@ class CASTMoCo(nn.Module):
         self.figure_ground = bool(figure_ground)
         self.figure_ground_block = figure_ground_block
         self.figure_ground_mass = float(figure_ground_mass)
-        self.backbone = backbone
+        # SyncBN everywhere, as MoCo-v3 (its statistics span the batch of all processes)
+        self.backbone = convert_to_sync_batchnorm(backbone)
         self.is_cast = hasattr(backbone, "encoder")
         width = backbone.encoder.embed_dim if self.is_cast else backbone.vit.embed_dim
-        self.projector = build_mlp(3, width, mlp_dim, dim)
-        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
-        self.momentum_backbone = copy.deepcopy(backbone)
+        self.projector = convert_to_sync_batchnorm(build_mlp(3, width, mlp_dim, dim))
+        self.predictor = convert_to_sync_batchnorm(build_mlp(2, dim, mlp_dim, dim, last_bn=False))
+        # No gradient reaches from the class token: CAST's dense read-out and its last graph
+        # pooling (it only reads out the hierarchy's coarsest level, by argmax), the ViT's
+        # feature pyramid. Frozen, so that DistributedDataParallel without find_unused_parameters
+        # (detectron2's) does not stop at the second step (as CASTClassifier does).
+        if self.is_cast:
+            unread = [getattr(backbone, "fuse", None), getattr(backbone, "out_norms", None)]
+            unread += [backbone.encoder.pools[-1]] if len(backbone.encoder.pools) else []
+        else:
+            unread = [getattr(backbone, "pyramid", None)]
+        for module in unread:
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(False)
+        self.momentum_backbone = copy.deepcopy(self.backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters()):
             p.requires_grad_(False)

@@ -46,12 +46,12 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
-from detectron2.utils import comm
 from torch import nn
+
+from hiseg.modeling.sync_batchnorm import SyncBatchNorm2d, differentiable_all_reduce
 
 from .data_mapper import batch_superpixels
 from .modeling.segment_ops import segment_to_grid_matrix
@@ -64,11 +64,7 @@ __all__ = ["CASTSemanticSegmentor", "PixelHead", "segment_features", "nearest_le
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over workers (identity on one worker)."""
-    if comm.get_world_size() == 1:
-        return x
-    import torch.distributed.nn.functional as dist_nn
-
-    return dist_nn.all_reduce(x)
+    return differentiable_all_reduce(x)
 
 
 class PixelHead(nn.Module):
@@ -88,7 +84,9 @@ class PixelHead(nn.Module):
         self.conv1 = nn.Conv2d(in_dim, hidden_dim, 1, bias=not norm)
         self.norm = None
         if norm:
-            self.norm = NaiveSyncBatchNorm(hidden_dim) if self.sync else nn.BatchNorm2d(hidden_dim)
+            # SyncBN: full-batch statistics, running variance unbiased as nn.BatchNorm2d's (not
+            # detectron2's NaiveSyncBatchNorm, whose running variance is biased)
+            self.norm = SyncBatchNorm2d(hidden_dim) if self.sync else nn.BatchNorm2d(hidden_dim)
         self.conv2 = nn.Conv2d(hidden_dim, num_classes, 1)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         if self.conv1.bias is not None:

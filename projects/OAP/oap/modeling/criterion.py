@@ -95,6 +95,16 @@ def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_rati
     return torch.cat(parts, dim=1)
 
 
+def _mean_over_processes(value: float, device) -> float:
+    """``value`` averaged over all processes (itself on one); collective when distributed."""
+    world = comm.get_world_size()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
 def self_distillation(student_logits: Tensor, teacher_logits: Tensor, center: Tensor, student_temp: float,
                       teacher_temp: float) -> Tensor:
     """Per-pair SD of Eq. 1 with DINO's codes: ``(L, K)`` student and teacher logits -> ``(L,)``.
@@ -381,7 +391,9 @@ class OAPCriterion(nn.Module):
         # no_object_weight = 0 with no match anywhere gives 0 instead of 0 / 0.
         ce = F.cross_entropy(pred_obj.float().transpose(1, 2), obj_target, reduction="none")  # (V, Q)
         w = self.objectness_class_weight.to(pred_obj.device)[obj_target]
-        loss_obj = (w * ce).sum() / w.sum().clamp(min=1e-12)
+        # The normaliser is the weight of the whole batch over all processes / world size (as
+        # num_masks), so that W processes x B views give the loss and gradient of 1 x W*B views.
+        loss_obj = (w * ce).sum() / max(_mean_over_processes(float(w.sum()), pred_obj.device), 1e-12)
 
         if queries.numel() == 0:
             zero = pred_masks.sum() * 0.0
@@ -404,7 +416,7 @@ class OAPCriterion(nn.Module):
         }
 
     def _sd_loss(self, pred_codes: Tensor, per_view, indices) -> Tensor:
-        """Eq. 7 per view (sum or mean over its L matched pairs), averaged over views with L > 0."""
+        """Eq. 7 per view (sum or mean over its L matched pairs), averaged over the views with L > 0 of all processes."""
         per_view_losses = []
         for v, ((_, codes, _, _), (q, t)) in enumerate(zip(per_view, indices)):
             if q.numel() == 0:
@@ -413,9 +425,11 @@ class OAPCriterion(nn.Module):
             teacher = codes[t.to(codes.device)].to(student.device)
             sd = self_distillation(student, teacher, self.center, self.student_temp, self.teacher_temp)
             per_view_losses.append(sd.sum() if self.sd_reduction == "sum" else sd.mean())
+        # mean over the views with a match in the whole batch of all processes (collective)
+        count = _mean_over_processes(float(len(per_view_losses)), pred_codes.device)
         if not per_view_losses:
             return pred_codes.sum() * 0.0
-        return torch.stack(per_view_losses).mean()
+        return torch.stack(per_view_losses).sum() / count
 
     @torch.no_grad()
     def update_center(self, teacher_codes: Tensor) -> None:
