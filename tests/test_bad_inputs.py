@@ -3,7 +3,7 @@ non-zero exit, and never unpickles beyond an allow-list.
 
 One test per case: not a checkpoint, a checkpoint of another model, unpickling, a truncated image,
 a config key / file, a missing dataset folder, an empty dataset, a zero-size image; plus the
-converter (its wiring lives in files owned elsewhere: xfail until it is in). Every input is a tiny
+converter. Every input is a tiny
 file generated in ``tmp_path``. The tools run in this process through their ``main(argv)`` /
 ``hiseg.cli.run_cli``, except the issue's own train_net command, which runs as a subprocess.
 """
@@ -406,8 +406,7 @@ def test_zero_size_image(files, demo_run):
 
 
 # ------------------------------------------------------------------------------------------------
-# the converter (tools/convert_cast_checkpoint.py, cast/checkpoint.py: wiring owned elsewhere)
-@pytest.mark.xfail(reason="converter wiring pending", strict=False)
+# the converter (tools/convert_cast_checkpoint.py, cast/checkpoint.py)
 def test_converter_answers_bad_files(files, tmp_path):
     convert = _tool("convert_cast_checkpoint")
     out = tmp_path / "out.pth"

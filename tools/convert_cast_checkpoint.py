@@ -50,14 +50,14 @@ def build_model_from_config(args):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
+    from hiseg.cli import merge_config
     from hiseg.modeling import add_vit_config
     from hiseg.setup import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)
     add_vit_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)  # missing file / unknown key: one-line ConfigError
     cfg.MODEL.DEVICE = "cpu"
     with torch.no_grad():
         return build_model(cfg)
@@ -68,6 +68,8 @@ def main(argv=None):
     from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
                                  describe_needed_config, find_prefix, save_detectron2_checkpoint,
                                  to_detectron2_checkpoint, verify_against_model)
+    from hiseg.cli import one_line
+    from hiseg.errors import UserError
 
     img_size = None
     if args.img_size:
@@ -92,8 +94,11 @@ def main(argv=None):
             except CheckpointConversionError as e:
                 raise CheckpointConversionError(f"{e}. Does {args.config_file} set the values listed above?") from e
             print(f"checked: every converted tensor fits the model of {args.config_file}")
+    except UserError as e:  # a bad --config-file or override (hiseg.cli.merge_config)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except (CheckpointConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     save_detectron2_checkpoint(data, args.output)
     print(f"wrote {len(data['model'])} tensors under {prefix!r} to {args.output}")
@@ -101,4 +106,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))

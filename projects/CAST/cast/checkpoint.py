@@ -20,10 +20,8 @@ CAST renames: ``patch_embed.proj.N`` -> ``stem.proj.N``, ``pool{k}.pool_block.X`
 converted state dict is checked against a freshly built encoder of the inferred size (missing /
 unexpected keys, shapes), so a file that converts also loads.
 """
-import argparse
 import math
 import os
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -87,25 +85,20 @@ class ConversionResult:
 # ----------------------------------------------------------------------------------------------
 # reading
 def load_checkpoint_file(path: str) -> Any:
-    """Load a ``.pth`` / ``.pth.tar`` / ``.pt`` (``weights_only`` unpickling, only
-    ``argparse.Namespace`` allowed besides torch's defaults) or a ``.safetensors`` file."""
+    """Load a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.pkl`` / ``.safetensors`` file with
+    :func:`hiseg.checkpoint_io.read_checkpoint`: ``weights_only`` unpickling with only
+    ``argparse.Namespace`` allowed besides torch's defaults (NumPy arrays for plain pickles); a
+    file that is not a checkpoint, truncated or damaged is named in one line, and
+    ``weights_only=False`` is never suggested."""
+    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.errors import CheckpointError
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise CheckpointConversionError(
-                f"{path}: reading .safetensors needs the 'safetensors' package (installed with timm)") from e
-        return load_file(path, device="cpu")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointConversionError(
-            f"{path}: refused to unpickle it: the file holds objects other than tensors, containers, "
-            f"numbers, strings and argparse.Namespace, and arbitrary objects are never unpickled "
-            f"here (they can run code). torch says: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointConversionError(str(e)) from None
 
 
 def _first_keys(obj: Any, n: int = 8) -> str:
