@@ -22,6 +22,7 @@ from .datasets import (
     coco_stuff27,
     densepose,
     imagenet,
+    natural_images,
     partimagenet,
     pascal_context,
     skimage_images,
@@ -42,6 +43,7 @@ DATASET_MODULES = [
     densepose,
     skimage_images,
     bsds500,
+    natural_images,  # after the sources it unites
 ]
 
 

@@ -5,6 +5,11 @@ resized crop (scale 0.08-1) to ``INPUT.CROP.SIZE``, horizontal flip, colour jitt
 0.2, 0.1) with p=0.8, greyscale p=0.2, Gaussian blur (p=1.0 / 0.1, sigma 0.1-2.0) and solarize
 (p=0 / 0.2) for view 1 / view 2. Superpixels are computed on each augmented uint8 view (SEEDS,
 15 bins, 20 iterations, Table 11 / released code), so they always match the view's pixels.
+They are left out when the model would not read them: the ViT baseline
+(``MODEL.BACKBONE.NAME: build_vit_backbone``) takes none, and CAST with patch tokens
+(``MODEL.CAST.TOKENS: patch``, Table 3a) builds its square cells itself; computing SEEDS there
+would cost the ViT wall-clock time for nothing, and would feed SEEDS to the patch ablation
+(CASTMoCo prefers superpixels given by the mapper).
 """
 import copy
 
@@ -17,7 +22,7 @@ from hiseg.engine.trainer import MAPPER_REGISTRY
 
 from .superpixels import SuperpixelConfig, compute_superpixels, to_rgb_uint8
 
-__all__ = ["MoCoTwoViewMapper"]
+__all__ = ["MoCoTwoViewMapper", "mapper_computes_superpixels"]
 
 
 class _Blur:
@@ -49,6 +54,21 @@ def _view_transform(size, blur_p, solarize_p, scale_min):
     ])
 
 
+# backbones that read no superpixels
+_NO_SUPERPIXEL_BACKBONES = ("build_vit_backbone",)
+
+
+def mapper_computes_superpixels(cfg) -> bool:
+    """Whether the mapper should give each view its S_0: not for a backbone that reads none
+    (the plain ViT), not for CAST's patch tokens (the backbone makes the cells), not for
+    ``slic_torch`` (the model computes S_0 for the batch on its device)."""
+    if cfg.MODEL.BACKBONE.NAME in _NO_SUPERPIXEL_BACKBONES:
+        return False
+    if cfg.MODEL.CAST.TOKENS == "patch":
+        return False
+    return not SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL).on_model_device
+
+
 @MAPPER_REGISTRY.register()
 class MoCoTwoViewMapper:
     def __init__(self, cfg, is_train: bool = True):
@@ -57,6 +77,7 @@ class MoCoTwoViewMapper:
         self.views = [_view_transform(size, 1.0, 0.0, scale_min), _view_transform(size, 0.1, 0.2, scale_min)]
         self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
         self.image_format = cfg.INPUT.FORMAT
+        self.with_superpixels = mapper_computes_superpixels(cfg)
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
@@ -66,6 +87,6 @@ class MoCoTwoViewMapper:
             view = np.ascontiguousarray(np.asarray(tf(img)))
             arr = view[:, :, ::-1] if self.image_format == "BGR" else view
             d[f"view{k}"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            if not self.superpixel_cfg.on_model_device:  # slic_torch: computed by the model
+            if self.with_superpixels:
                 d[f"superpixels{k}"] = torch.from_numpy(compute_superpixels(view, self.superpixel_cfg))
         return d
