@@ -65,6 +65,17 @@ def test_schedule_and_mapper_fairness():
     assert mapper_computes_superpixels(cast_cfg) and not mapper_computes_superpixels(vit_cfg)
     patch_cfg = build_cfg(MODELS["cast"][1], ["MODEL.CAST.TOKENS", "patch"])
     assert not mapper_computes_superpixels(patch_cfg)
+    # MoCo-v3's stop-grad on the first layer for both: CAST's stem conv1 (its builder), the
+    # ViT's patch projection (the budget trainer's build_model)
+    from cast.experiments.budget import BudgetTrainer
+
+    tiny = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.VIT.EMBED_DIM", 48, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
+            "MODEL.VIT.DEPTH", 4, "MODEL.MOCO.MLP_DIM", 64]
+    vit = BudgetTrainer.build_model(build_cfg(MODELS["vit"][1], tiny))
+    assert not any(p.requires_grad for p in vit.backbone.vit.patch_embed.parameters())
+    assert any(p.requires_grad for p in vit.backbone.vit.blocks.parameters())
+    cast = BudgetTrainer.build_model(build_cfg(MODELS["cast"][1], tiny))
+    assert not cast.backbone.encoder.stem.proj[0].weight.requires_grad
     small = ["INPUT.CROP.SIZE", [64, 64], "MODEL.CAST.SUPERPIXEL.NUM_SUPERPIXELS", 64]
     d = DatasetCatalog.get("skimage_natural_images")[0]
     assert "superpixels1" in MoCoTwoViewMapper(build_cfg(MODELS["cast"][1], small), True)(d)

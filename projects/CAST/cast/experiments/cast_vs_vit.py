@@ -614,7 +614,7 @@ def plot_learning_curves(res, args, path: str, caption: str):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.8), squeeze=False)
     for ax, (key, name, higher) in zip(axes.flat, METRICS):
         for model in args.models:
-            label = MODELS[model][0]
+            label = args.labels[model]
             means_x, means_y = [], []
             for j, (seed, run) in enumerate(sorted(res["models"].get(model, {}).items())):
                 pts = [p for p in run["points"] if p["metrics"] is not None]
@@ -660,7 +660,7 @@ def plot_losses(res, args, path: str, caption: str):
                 continue
             n = max(1, len(st["iter"]) // 50)
             y = _smooth(st["loss"], n)
-            lab = f"{MODELS[model][0]}, seed {seed}"
+            lab = f"{args.labels[model]}, seed {seed}"
             style = dict(color=_COLORS.get(model), alpha=0.8, lw=1, ls=_SEED_STYLES[j % len(_SEED_STYLES)], label=lab)
             axes[0].plot(st["iter"], y, **style)
             axes[1].plot(np.asarray(st["elapsed_s"]) / 60.0, y, **style)
@@ -762,7 +762,7 @@ def write_report(args, settings: dict, manifest: dict) -> str:
     L.append(sep)
     for model in args.models:
         iters = _point_field(res, model, n_pts, "iteration")
-        L.append(f"| {MODELS[model][0]} | {_cell(iters, 0)} | "
+        L.append(f"| {args.labels[model]} | {_cell(iters, 0)} | "
                  + " | ".join(_cell(_point_values(res, model, n_pts, k)) for k in keys) + " |")
     if res["seeds_alone"] is not None:
         L.append(f"| {SEEDS_LABEL} | – | " + " | ".join(f"{res['seeds_alone'][k]:.3f}" for k in keys) + " |")
@@ -774,7 +774,7 @@ def write_report(args, settings: dict, manifest: dict) -> str:
     for k, frac in enumerate(args.points, start=1):
         for model in args.models:
             iters = _point_field(res, model, k, "iteration")
-            L.append(f"| {100 * frac:g}% | {MODELS[model][0]} | {_cell(iters, 0)} | "
+            L.append(f"| {100 * frac:g}% | {args.labels[model]} | {_cell(iters, 0)} | "
                      + " | ".join(_cell(_point_values(res, model, k, key)) for key in keys) + " |")
     L.append("")
     L.append("![learning curves](learning_curves.png)")
@@ -793,7 +793,7 @@ def write_report(args, settings: dict, manifest: dict) -> str:
             last = np.mean(st["loss"][-w:]) if n else float("nan")
             sps = np.mean(st["step_time_s"]) if n else float("nan")
             dps = np.nanmean(st["data_time_s"]) if n else float("nan")
-            L.append(f"| {MODELS[model][0]} | {seed} | {run['status']} | {run['iterations']} | "
+            L.append(f"| {args.labels[model]} | {seed} | {run['status']} | {run['iterations']} | "
                      f"{_fmt_s(run['elapsed_s'])} | {sps:.2f} | {dps:.2f} | {first:.3f} | {last:.3f} | "
                      f"{len(run['sessions'])} |")
     L.append("")
@@ -879,7 +879,9 @@ def parse_args(argv=None):
     ap.add_argument("--save-every-s", type=float, default=None,
                     help="training seconds between resume checkpoints (default: 5%% of the budget, >= 30 s)")
     ap.add_argument("--print-every-s", type=float, default=None, help="seconds between progress lines (default 30)")
-    ap.add_argument("--cast-config", default=MODELS["cast"][1])
+    ap.add_argument("--cast-config", default=MODELS["cast"][1],
+                    help="the CAST side (e.g. an ablation of configs/CAST/experiments/ablations/, with its own --out)")
+    ap.add_argument("--cast-label", default=MODELS["cast"][0], help="its name in the tables and plots")
     ap.add_argument("--vit-config", default=MODELS["vit"][1])
     ap.add_argument("opts", nargs=argparse.REMAINDER,
                     help="config overrides KEY VALUE ... applied to both models (after --)")
@@ -909,6 +911,7 @@ def parse_args(argv=None):
         args.threads = 1 if args.mode == "pair" else min(2, os.cpu_count() or 1)
     args.models = ("cast", "vit")
     args.configs = {"cast": args.cast_config, "vit": args.vit_config}
+    args.labels = {"cast": args.cast_label, "vit": MODELS["vit"][0]}
     if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
         ap.error(f"--seeds must be distinct, got {args.seeds}")
     return args
