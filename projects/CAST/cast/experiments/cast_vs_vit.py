@@ -683,24 +683,25 @@ def plot_entropy(res, path: str, caption: str):
     import matplotlib.pyplot as plt
 
     runs = res["models"].get("cast", {})
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     n_levels = 0
-    for seed, run in sorted(runs.items()):
+    for j, (seed, run) in enumerate(sorted(runs.items())):
         pts = [p for p in run["points"] if p.get("pooling")]
         if not pts:
             continue
         n_levels = len(pts[0]["pooling"]["entropy_norm"])
         for lvl in range(n_levels):
             ax.plot([p["iteration"] for p in pts], [p["pooling"]["entropy_norm"][lvl] for p in pts],
-                    color=f"C{lvl}", marker=".", alpha=0.8, label=f"pooling {lvl + 1}, seed {seed}")
+                    color=f"C{lvl}", marker=".", alpha=0.8, ls=_SEED_STYLES[j % len(_SEED_STYLES)],
+                    label=f"pooling {lvl + 1} (level {lvl} -> {lvl + 1}), seed {seed}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("assignment entropy / log(#centroids)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     if n_levels:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.suptitle(caption, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
