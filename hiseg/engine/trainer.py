@@ -188,7 +188,7 @@ class HisegTrainer(DefaultTrainer):
             if comm.get_world_size() > 1 and isinstance(e, RuntimeError):  # incl. torch's DistError
                 last = os.path.join(self.cfg.OUTPUT_DIR, "last_checkpoint")
                 tag = open(last).read().strip() if os.path.isfile(last) else None
-                logger.error(
+                logging.getLogger("detectron2").error(  # the logger default_setup sends to log.txt
                     f"rank {comm.get_rank()}/{comm.get_world_size()}: training stopped at iteration {self.iter}: "
                     f"a collective failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                     "another process has probably died. "
