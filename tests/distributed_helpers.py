@@ -70,14 +70,21 @@ def _worker(index, fn, world_size, procs_per_machine, dist_url, args, result_dir
 
 
 def start_group(fn, world_size: int, args=(), *, procs_per_machine=None, result_dir=None,
-                timeout_s: float = 120.0, join: bool = True):
+                timeout_s=None, join: bool = True):
     """Run ``fn(*args)`` in ``world_size`` spawned processes joined in one gloo group.
 
-    ``fn`` must be importable by name (a module-level function). With ``join`` this returns
-    after all processes ended (``torch.multiprocessing`` raises if one failed, naming it);
-    without, the ``ProcessContext`` (its ``processes`` can be signalled, ``join()`` waited on)."""
+    ``fn`` must be importable by name (a module-level function). ``timeout_s``: the process
+    group's timeout; ``None``: the one ``tools/train_net.py`` gives ``launch``
+    (``hiseg.engine.trainer.distributed_timeout()``, i.e. ``$HISEG_DIST_TIMEOUT_S`` or 30 min).
+    With ``join`` this returns after all processes ended (``torch.multiprocessing`` raises if one
+    failed, naming it); without, the ``ProcessContext`` (its ``processes`` can be signalled,
+    ``join()`` waited on)."""
     import torch.multiprocessing as mp
 
+    if timeout_s is None:
+        from hiseg.engine.trainer import distributed_timeout
+
+        timeout_s = distributed_timeout().total_seconds()
     ppm = procs_per_machine or world_size
     if world_size % ppm:
         raise ValueError(f"world_size {world_size} is not a multiple of procs_per_machine {ppm}")

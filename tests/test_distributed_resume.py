@@ -169,3 +169,40 @@ def test_killed_worker_stops_the_run_and_resume_reaches_the_same_weights(sample)
     print(f"resume: rank 0 stopped {stop_s:.1f} s after the kill; final weights max rel. deviation "
           f"{err_model:.1e}, optimizer state {err_opt:.1e}; test {time.perf_counter() - tic:.0f} s")
     assert err_model <= TOL and err_opt <= TOL
+
+
+def test_hung_worker_fails_the_others_after_the_timeout(sample, monkeypatch):
+    """A worker that stops answering (SIGSTOP: its connections stay open) does not hang the run:
+    rank 0's collective fails after the process-group timeout, taken from
+    ``$HISEG_DIST_TIMEOUT_S`` as ``tools/train_net.py`` passes it to ``launch``, with the same
+    message."""
+    root, image, label = sample
+    timeout = 6.0
+    monkeypatch.setenv("HISEG_DIST_TIMEOUT_S", str(timeout))
+    run_dir = root / "hung"
+    ctx = start_group(train_net_worker, 2, (["--config-file", str(CFG), *_opts(run_dir)], image, label), join=False)
+    tag = run_dir / "last_checkpoint"
+    deadline = time.monotonic() + 300
+    try:
+        while not (tag.is_file() and tag.read_text().strip() == "model_0000001.pth"):
+            assert time.monotonic() < deadline and all(p.is_alive() for p in ctx.processes), "no checkpoint 1"
+            time.sleep(0.01)
+        os.kill(ctx.processes[1].pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while ctx.processes[0].is_alive():
+            assert time.monotonic() - stopped_at < timeout + 60, "rank 0 still waiting long after the timeout"
+            time.sleep(0.05)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    with pytest.raises(Exception):
+        while not ctx.join():
+            pass
+    assert ctx.processes[0].exitcode == 1
+    log = (run_dir / "log.txt").read_text()
+    assert "a collective failed" in log and "another process has probably died or hangs" in log, log[-2000:]
+    assert f"Last complete checkpoint: {run_dir / 'model_0000001.pth'}" in log
+    print(f"hung worker: rank 0 stopped {waited:.1f} s after its peer froze (timeout {timeout} s)")
+    assert waited >= timeout - 1.0

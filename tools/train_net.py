@@ -21,6 +21,7 @@ from hiseg.cli import merge_config, run_cli  # noqa: E402
 from hiseg.dataset_checks import check_datasets  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
+from hiseg.engine.trainer import distributed_timeout  # noqa: E402
 
 logger = logging.getLogger("hiseg")
 
@@ -57,7 +58,7 @@ def cli(argv=None):
                          "and v0.6 asserts CUDA for more than one process); use --num-gpus 1 on a CPU")
     print("Command Line Args:", args)
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+                  dist_url=args.dist_url, args=(args,), timeout=distributed_timeout())
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@
 import logging
 import os
 import weakref
+from datetime import timedelta
 from typing import Callable, Dict, List
 
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -27,7 +29,8 @@ from ..image_io import ImageCheckingMapper
 from .checkpoint import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
-__all__ = ["HisegTrainer", "build_evaluators", "create_ddp_model", "MAPPER_REGISTRY", "EVALUATOR_FACTORIES"]
+__all__ = ["HisegTrainer", "build_evaluators", "create_ddp_model", "distributed_timeout", "MAPPER_REGISTRY",
+           "EVALUATOR_FACTORIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,27 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
+#: seconds a collective waits for the other processes before it fails (unset: detectron2's 30 min)
+DIST_TIMEOUT_ENV = "HISEG_DIST_TIMEOUT_S"
+
+
+def distributed_timeout() -> timedelta:
+    """The process-group timeout ``tools/train_net.py`` passes to ``launch``: ``$HISEG_DIST_TIMEOUT_S``
+    seconds, else detectron2's ``DEFAULT_TIMEOUT`` (30 minutes). A process whose peer hangs
+    (rather than dies, which closes the connection at once) fails after this long instead of
+    waiting forever (NCCL: with PyTorch's default async error handling)."""
+    value = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"${DIST_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def create_ddp_model(model, **kwargs):
     """detectron2's ``create_ddp_model`` (DistributedDataParallel when there is more than one
     process, without ``find_unused_parameters``) that also takes a CPU model: detectron2 passes
@@ -191,7 +215,7 @@ class HisegTrainer(DefaultTrainer):
                 logging.getLogger("detectron2").error(  # the logger default_setup sends to log.txt
                     f"rank {comm.get_rank()}/{comm.get_world_size()}: training stopped at iteration {self.iter}: "
                     f"a collective failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    "another process has probably died. "
+                    "another process has probably died or hangs. "
                     + (f"Last complete checkpoint: {os.path.join(self.cfg.OUTPUT_DIR, tag)}; restart with --resume."
                        if tag else "No checkpoint was written yet."))
             raise
