@@ -1,5 +1,6 @@
-"""Evaluation with 2 and 3 processes gives exactly the single-process metrics, for every
-evaluator type the project registers, on the real samples of the shared data folder.
+"""Evaluation with 2 processes (as on 2 machines) and 3 (on one) gives exactly the
+single-process metrics, for every evaluator type the project registers, on the real samples
+of the shared data folder.
 
 Each job evaluates one dataset with some evaluator types, as ``DefaultTrainer.test`` does it:
 the project's ``build_evaluators`` (TEST.EVALUATORS = the types), detectron2's test loader (its
@@ -291,7 +292,7 @@ def eval_worker(paths, pred_file, out_dir):
             for f in sorted((__import__("pathlib").Path(out_dir) / f"w{comm.get_world_size()}" / job).glob(
                     "cluster_mapping_*.json")):
                 mappings[f"{job}/{f.name}"] = json.loads(f.read_text())["mapping"]
-    return {"results": res, "mappings": mappings}
+    return {"results": res, "mappings": mappings, "local": (comm.get_local_rank(), comm.get_local_size())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +341,13 @@ def test_every_registered_evaluator_type_is_covered(single):
             assert full[task] != fewer.get(task), (job, task)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_multi_process_evaluation_equals_single_process(single, world):
-    group = run_group(eval_worker, world, (single["paths"], single["pred_file"], str(single["root"])))
+@pytest.mark.parametrize("world,per_machine", [(2, 1), (3, 3)])
+def test_multi_process_evaluation_equals_single_process(single, world, per_machine):
+    """2 processes as on two machines of one process each (detectron2's local groups of one),
+    3 processes on one machine."""
+    group = run_group(eval_worker, world, (single["paths"], single["pred_file"], str(single["root"])),
+                      procs_per_machine=per_machine)
+    assert [g["local"] for g in group] == [(r % per_machine, per_machine) for r in range(world)]
     main = group[0]["results"]
     for job, (name, _) in JOBS.items():
         _same(main[job], single["full"][job], job)
