@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -102,6 +102,9 @@ class CallLimits:
     pause_after_s: Optional[float] = None
     label: str = ""
     print_fn: Callable[[str], None] = print
+    # stop (resumably) when the process that started this one is gone: a run spawned side by
+    # side must not go on training unseen after its parent was killed
+    parent_pid: Optional[int] = None
 
 
 def _unwrap(model):
@@ -147,6 +150,8 @@ class WallClockBudget(HookBase):
     def paused(self) -> bool:
         lim = self.limits
         if lim.pause_after_steps is not None and self._steps_this_call >= lim.pause_after_steps:
+            return True
+        if lim.parent_pid is not None and os.getppid() != lim.parent_pid:
             return True
         return lim.pause_after_s is not None and time.perf_counter() - self._call_t0 >= lim.pause_after_s
 
@@ -330,12 +335,14 @@ def train_for_budget(cfg, run_dir: str, spec: BudgetSpec, limits: CallLimits, ru
                         f"{info['elapsed_s']:.0f} s; skipped")
         return info
     if info is None:
-        info = {"spec": spec_d, "status": "running", "sessions": []}
+        info = {"spec": spec_d, "status": "new", "sessions": []}
+    start = _resume_iteration(run_dir)
+    if info["status"] == "running":  # the last call was killed: what it did after `start` is lost
+        info["sessions"].append({"interrupted": True, "resumed_at_iter": start,
+                                 "noticed": time.strftime("%Y-%m-%d %H:%M:%S")})
     info.update(run_info or {})
     info["status"] = "running"
     _write_run(run_dir, info)  # the spec is on disk before the first checkpoint
-
-    start = _resume_iteration(run_dir)
     seed_all_rng(spec.seed if start == 0 else spec.seed * 1_000_003 + start)
     cfg = cfg.clone()
     cfg.defrost()

@@ -190,7 +190,7 @@ def _train_job(job: dict, barrier=None) -> dict:
     cfg = build_cfg(job["config_file"], job["opts"], ds)
     limits = CallLimits(save_every_s=job["save_every_s"], print_every_s=job["print_every_s"],
                         pause_after_steps=job["pause_after_steps"], pause_after_s=job["pause_after_s"],
-                        label=label, print_fn=lambda s: print(s, flush=True))
+                        label=label, print_fn=lambda s: print(s, flush=True), parent_pid=job.get("parent_pid"))
     spec = BudgetSpec(**job["spec"])
     run_info = {"model": job["model"], "seed": job["seed"], "config_file": job["config_file"],
                 "opts": [str(o) for o in job["opts"]], "train_dataset": ds}
@@ -275,6 +275,8 @@ def train_all(args) -> Dict[str, float]:
         if args.mode == "pair" and len(todo) > 1:
             for j in todo:
                 j["concurrent_with"] = [o["label"] for o in todo if o is not j]
+            for j in todo:
+                j["parent_pid"] = os.getpid()
             barrier = mp.get_context("spawn").Barrier(len(todo))
             procs = [(j, _spawn(_child_main, (j, barrier), args.threads)) for j in todo]
             failed = []
@@ -919,8 +921,8 @@ def parse_args(argv=None):
 
 
 def _machine() -> str:
-    return (f"{platform.node() or 'host'}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node() or 'host'}, {os.cpu_count()} logical CPUs, {cpu}, torch {torch.__version__}"
 
 
 def main(argv=None, command: Optional[str] = None) -> str:
