@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402
-from hiseg.image_io import InputError, read_image  # noqa: E402
+from hiseg.image_io import read_image  # noqa: E402
 
 LAYOUT = "<ade-root>/annotations/{training,validation}/*.png"
 HOW = ("download ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu), unzip it under "
@@ -61,10 +61,8 @@ def main(argv=None):
             out = os.path.join(dst, f)
             if os.path.isfile(out) and not args.overwrite:
                 continue
-            try:
-                label = read_image(os.path.join(src, f), format=None)
-            except InputError as e:
-                skipped.add(f, str(e))
+            label = skipped.read(f, read_image, os.path.join(src, f), format=None)
+            if label is None:
                 continue
             atomic_save_png(out, shift_labels(label))
         counts[split] = len(files) - (len(skipped) - before)

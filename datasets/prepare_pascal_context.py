@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402
-from hiseg.image_io import InputError, read_image  # noqa: E402
+from hiseg.image_io import read_image  # noqa: E402
 
 LAYOUT = ("<voc-root>/SegmentationClassContext/<id>.png and "
           "<voc-root>/ImageSets/SegmentationContext/{train,val}.txt")
@@ -64,10 +64,8 @@ def main(argv=None):
             out = os.path.join(out_dir, image_id + ".png")
             if os.path.isfile(out) and not args.overwrite:
                 continue
-            try:
-                label = read_image(os.path.join(src, image_id + ".png"), format=None)
-            except InputError as e:
-                skipped.add(image_id, str(e))
+            label = skipped.read(image_id, read_image, os.path.join(src, image_id + ".png"), format=None)
+            if label is None:
                 continue
             atomic_save_png(out, pc59_labels(label))
         written[split] = len(ids) - (len(skipped) - before)

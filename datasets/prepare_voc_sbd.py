@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png, atomic_write  # noqa: E402
 from hiseg.dataset_checks import reading, require_files, require_input  # noqa: E402
-from hiseg.image_io import InputError, verify_image  # noqa: E402
+from hiseg.image_io import verify_image  # noqa: E402
 
 SBD_LAYOUT = "<sbd-root>/cls/<id>.mat and <sbd-root>/{train,val}.txt"
 SBD_HOW = ("download benchmark.tgz (SBD, http://home.bharathh.info/pubs/codes/SBD/download.html) and "
@@ -113,10 +113,8 @@ def main(argv=None):
                             "*.mat", SBD_HOW)
     written = set()
     for image_id in tqdm(sbd_ids, desc="SBD .mat -> png"):
-        try:
-            label = sbd_class_map(os.path.join(cls_dir, image_id + ".mat"))
-        except InputError as e:
-            skipped.add(image_id, str(e))
+        label = skipped.read(image_id, sbd_class_map, os.path.join(cls_dir, image_id + ".mat"))
+        if label is None:
             continue
         atomic_save_png(os.path.join(args.output, image_id + ".png"), label)
         written.add(image_id)
@@ -127,10 +125,8 @@ def main(argv=None):
 
     voc_ids = sorted(f[:-4] for f in os.listdir(seg_dir) if f.endswith(".png"))
     for image_id in tqdm(voc_ids, desc="VOC png -> png"):
-        try:
-            label = voc_class_map(os.path.join(seg_dir, image_id + ".png"))
-        except InputError as e:
-            skipped.add(image_id, str(e))
+        label = skipped.read(image_id, voc_class_map, os.path.join(seg_dir, image_id + ".png"))
+        if label is None:
             continue
         atomic_save_png(os.path.join(args.output, image_id + ".png"), label)
         written.add(image_id)

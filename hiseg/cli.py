@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Callable, List, Optional, Sequence
 
-from .errors import ConfigError, SkippedInputsError, UserError
+from .errors import ConfigError, InputError, SkippedInputsError, UserError
 
 __all__ = [
     "run_cli",
@@ -252,6 +252,15 @@ class Skipped:
     def add(self, name: str, message: str) -> None:
         self.items.append(str(name))
         print(f"warning: {message}; skipped", file=sys.stderr, flush=True)
+
+    def read(self, name: str, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)``, or None after reporting ``name`` as skipped when it raises
+        :class:`~hiseg.errors.InputError` (an unreadable input)."""
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            self.add(name, str(e))
+            return None
 
     def __len__(self) -> int:
         return len(self.items)

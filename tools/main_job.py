@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 import hiseg.data  # noqa: E402,F401
 from hiseg.cli import Skipped, merge_config, run_cli  # noqa: E402
 from hiseg.dataset_checks import check_datasets  # noqa: E402
-from hiseg.image_io import InputError, read_image  # noqa: E402
+from hiseg.image_io import read_image  # noqa: E402
 from hiseg.engine import HisegTrainer  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 
@@ -81,13 +81,10 @@ def draw_pictures(model, out_dir, max_size, limit=0, skipped=None):
     written = []
     dicts = DatasetCatalog.get("skimage_natural_images")
     for d in dicts[:limit] if limit > 0 else dicts:
-        try:
-            img, inp = prepare_input(model, d["file_name"], max_size)
-        except InputError as e:
-            if skipped is None:
-                raise
-            skipped.add(d["file_name"], str(e))
+        prepared = prepare_or_skip(model, d["file_name"], max_size, skipped)
+        if prepared is None:
             continue
+        img, inp = prepared
         with torch.no_grad():
             out = model.inference([inp])[0]
         levels = [lvl.cpu().numpy() for lvl in out["hierarchy"]]
@@ -98,6 +95,14 @@ def draw_pictures(model, out_dir, max_size, limit=0, skipped=None):
         written.append(path)
         print(f"[main job] picture {path}", flush=True)
     return written
+
+
+def prepare_or_skip(model, file_name, max_size, skipped=None):
+    """:func:`prepare_input`, or None when the file is unreadable and ``skipped`` (a
+    :class:`hiseg.cli.Skipped`) reports it; without ``skipped`` the InputError propagates."""
+    if skipped is None:
+        return prepare_input(model, file_name, max_size)
+    return skipped.read(file_name, prepare_input, model, file_name, max_size)
 
 
 def bsds_dataset():
@@ -121,13 +126,10 @@ def bsds_table(model, vit_model, name, dicts, num_images, max_size, out_dir, ski
     for ev in methods.values():
         ev.reset()
     for i, d in enumerate(dicts):
-        try:
-            img, inp = prepare_input(model, d["file_name"], max_size)
-        except InputError as e:
-            if skipped is None:
-                raise
-            skipped.add(d["file_name"], str(e))
+        prepared = prepare_or_skip(model, d["file_name"], max_size, skipped)
+        if prepared is None:
             continue
+        img, inp = prepared
         h, w = d["height"], d["width"]
         with torch.no_grad():
             full = model.inference([dict(inp, height=h, width=w)])[0]["hierarchy"]
