@@ -215,21 +215,9 @@ def _semantic_inputs(shared_data, root):
 
 
 def _oap_inputs(root):
-    from PIL import Image
-    from skimage import data as skdata
+    from train_check import oap_skimage_batch
 
-    from oap.data.multicrop_mapper import OAPMultiCropDatasetMapper
-
-    np.random.seed(0)
-    torch.manual_seed(0)
-    mapper = OAPMultiCropDatasetMapper(make_cfg("oap"), True)
-    batch = []
-    for k, name in enumerate(("astronaut", "coffee")):
-        rgb = getattr(skdata, name)()
-        path = root / f"{name}.png"
-        Image.fromarray(rgb).save(path)
-        batch.append(mapper({"image_id": k, "file_name": str(path), "height": rgb.shape[0], "width": rgb.shape[1]}))
-    return batch
+    return oap_skimage_batch(make_cfg("oap"), root)
 
 
 @pytest.fixture(scope="module")

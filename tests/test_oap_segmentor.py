@@ -104,23 +104,9 @@ def test_pseudo_mask_targets_dedup_and_limit():
 
 @pytest.fixture(scope="module")
 def train_batch(tmp_path_factory):
-    from PIL import Image
-    from skimage import data as skdata
+    from train_check import oap_skimage_batch
 
-    from oap.data.multicrop_mapper import OAPMultiCropDatasetMapper
-
-    cfg = quick_cfg()
-    root = tmp_path_factory.mktemp("oap_imgs")
-    mapper = OAPMultiCropDatasetMapper(cfg, True)
-    batch = []
-    np.random.seed(0)
-    torch.manual_seed(0)
-    for k, name in enumerate(("astronaut", "coffee")):
-        rgb = getattr(skdata, name)()
-        path = root / f"{name}.png"
-        Image.fromarray(rgb).save(path)
-        batch.append(mapper({"image_id": k, "file_name": str(path), "height": rgb.shape[0], "width": rgb.shape[1]}))
-    return batch
+    return oap_skimage_batch(quick_cfg(), tmp_path_factory.mktemp("oap_imgs"))
 
 
 def test_training_steps_losses_finite_changing_teacher_moves(train_batch):

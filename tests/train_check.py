@@ -1,4 +1,5 @@
-"""A few SGD steps of a semantic-segmentation meta-architecture on a fixed batch, for the tests."""
+"""Test helpers: a few SGD steps of a meta-architecture on a fixed batch; the OAP training batch of
+two scikit-image photographs."""
 import torch
 from detectron2.utils.events import EventStorage
 
@@ -20,3 +21,24 @@ def sgd_steps(model, batch, steps: int = 4, lr: float = 0.05, loss_key: str = "l
             opt.step()
             losses.append(float(loss.detach()))
     return losses
+
+
+def oap_skimage_batch(cfg, root, names=("astronaut", "coffee")):
+    """scikit-image photographs written to ``root`` as PNG files and mapped by the OAP multi-crop
+    mapper of ``cfg`` in training mode, with the NumPy and torch generators seeded first."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from oap.data.multicrop_mapper import OAPMultiCropDatasetMapper
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+    mapper = OAPMultiCropDatasetMapper(cfg, True)
+    batch = []
+    for k, name in enumerate(names):
+        rgb = getattr(skdata, name)()
+        path = root / f"{name}.png"
+        Image.fromarray(rgb).save(path)
+        batch.append(mapper({"image_id": k, "file_name": str(path), "height": rgb.shape[0], "width": rgb.shape[1]}))
+    return batch
