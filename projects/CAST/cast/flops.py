@@ -166,9 +166,13 @@ def cast_flops(encoder: Optional[CASTEncoder] = None, image_size: int = 224, num
 
     The input superpixels are a regular grid of ``num_superpixels`` cells (the count, not the
     shapes, is what the cost depends on; 196 = 14 x 14 cells of 16 x 16 pixels at 224).
-    ``encoder`` defaults to ``CASTEncoder(**encoder_kwargs)``.
+    ``encoder`` defaults to ``CASTEncoder(**encoder_kwargs)`` with nearest token pooling: the
+    paper's FLOPs are those of its ImageNet models, whose released code resizes the label map to
+    the stem grid (bilinear pooling with the stretched position table adds one averaging matmul,
+    0.06 GFLOPs for CAST-S).
     """
     if encoder is None:
+        encoder_kwargs.setdefault("token_pool_mode", "nearest")
         encoder = CASTEncoder(**encoder_kwargs)
     encoder = encoder.eval()
     counts = list(num_segments) if num_segments is not None else list(encoder.num_segments)
