@@ -218,7 +218,9 @@ def bench_device(device, images_u8, superpixels, args, sp_time):
     for size in args.models:
         spec = SIZES[size]
         torch.manual_seed(0)
-        enc = CASTEncoder(embed_dim=spec["embed_dim"], num_heads=spec["num_heads"]).to(device).eval()
+        # nearest token pooling: the paper times its ImageNet models (released classification code)
+        enc = CASTEncoder(embed_dim=spec["embed_dim"], num_heads=spec["num_heads"],
+                          token_pool_mode="nearest").to(device).eval()
         vit = create_model(spec["timm"], pretrained=False, num_classes=0).to(device).eval()
         t_cast, t_vit = time_interleaved([lambda: enc(x, sp), lambda: vit(x)], args.iters, args.warmup, sync)
         parts[spec["cast"]] = (time_parts(enc, x, sp, args.iters, 1, sync), enc)
