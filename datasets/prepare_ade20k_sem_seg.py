@@ -20,13 +20,11 @@ import os
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
-from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
+from hiseg.data.datasets.common import convert_label_maps, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402
-from hiseg.image_io import read_image  # noqa: E402
 
 LAYOUT = "<ade-root>/annotations/{training,validation}/*.png"
 HOW = ("download ADEChallengeData2016.zip (http://sceneparsing.csail.mit.edu), unzip it under "
@@ -56,16 +54,8 @@ def main(argv=None):
         dst = os.path.join(args.ade_root, "annotations_detectron2", split)
         files = require_files(sorted(f for f in os.listdir(src) if f.endswith(".png")), src, "*.png", HOW)
         total += len(files)
-        before = len(skipped)
-        for f in tqdm(files, desc=split):
-            out = os.path.join(dst, f)
-            if os.path.isfile(out) and not args.overwrite:
-                continue
-            label = skipped.read(f, read_image, os.path.join(src, f), format=None)
-            if label is None:
-                continue
-            atomic_save_png(out, shift_labels(label))
-        counts[split] = len(files) - (len(skipped) - before)
+        counts[split] = convert_label_maps(((f, os.path.join(src, f), os.path.join(dst, f)) for f in files),
+                                           shift_labels, skipped, args.overwrite, desc=split)
         print(f"{split}: {counts[split]} label maps in {dst}")
     skipped.finish(total)
     return counts

@@ -20,13 +20,11 @@ import os
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
-from hiseg.data.datasets.common import atomic_save_png, reduce_zero_label  # noqa: E402
+from hiseg.data.datasets.common import convert_label_maps, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402
-from hiseg.image_io import read_image  # noqa: E402
 
 LAYOUT = ("<voc-root>/SegmentationClassContext/<id>.png and "
           "<voc-root>/ImageSets/SegmentationContext/{train,val}.txt")
@@ -58,17 +56,9 @@ def main(argv=None):
         with open(list_file) as f:
             ids = require_files([line.strip() for line in f if line.strip()], list_file, "image ids", HOW)
         total += len(ids)
-        before = len(skipped)
         out_dir = os.path.join(args.voc_root, "annotations_detectron2", f"pc59_{split}")
-        for image_id in tqdm(ids, desc=f"pc59 {split}"):
-            out = os.path.join(out_dir, image_id + ".png")
-            if os.path.isfile(out) and not args.overwrite:
-                continue
-            label = skipped.read(image_id, read_image, os.path.join(src, image_id + ".png"), format=None)
-            if label is None:
-                continue
-            atomic_save_png(out, pc59_labels(label))
-        written[split] = len(ids) - (len(skipped) - before)
+        items = ((i, os.path.join(src, i + ".png"), os.path.join(out_dir, i + ".png")) for i in ids)
+        written[split] = convert_label_maps(items, pc59_labels, skipped, args.overwrite, desc=f"pc59 {split}")
         print(f"{split}: {written[split]} label maps in {out_dir}")
     skipped.finish(total)
     return written

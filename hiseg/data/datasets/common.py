@@ -195,6 +195,26 @@ def atomic_save_png(path, array) -> None:
         image.save(f, format="PNG")
 
 
+def convert_label_maps(items, convert: Callable, skipped, overwrite: bool = False, desc: str = "") -> int:
+    """For each ``(name, source, output)``: read the source label map, write ``convert(label)`` to
+    ``output`` (:func:`atomic_save_png`). An existing output is kept unless ``overwrite``; an
+    unreadable source is reported and counted by ``skipped`` (:class:`hiseg.cli.Skipped`).
+    Returns how many outputs exist afterwards."""
+    from tqdm import tqdm
+
+    from hiseg.image_io import read_image
+
+    items = list(items)
+    before = len(skipped)
+    for name, source, output in tqdm(items, desc=desc):
+        if os.path.isfile(output) and not overwrite:
+            continue
+        label = skipped.read(name, read_image, source, format=None)
+        if label is not None:
+            atomic_save_png(output, convert(label))
+    return len(items) - (len(skipped) - before)
+
+
 def reduce_zero_label(label, num_classes: int, what: str):
     """Label maps whose 0 means "unlabelled": 0 -> 255 and k -> k - 1 for k in 1..num_classes
     (uint8), as mmsegmentation's ``reduce_zero_label``; larger labels are an error naming
