@@ -352,14 +352,23 @@ def _convert_tiny(tmp_path, capsys):
 def _eval_only(tmp_path, weights, *opts):
     import contextlib
     import io
+    import logging
 
     from hiseg.cli import run_cli
 
     err = io.StringIO()
     argv = ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"),
             "DATASETS.TEST", "()", *opts]
-    with contextlib.redirect_stderr(err):
-        rc = run_cli(_train_net().cli, argv)
+    # train_net's default_setup attaches log handlers to this test's captured streams: take them
+    # off afterwards, or later tests that log would write to closed files
+    loggers = [logging.getLogger(n) for n in ("", "detectron2", "fvcore", "hiseg")]
+    saved = [list(lg.handlers) for lg in loggers]
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = run_cli(_train_net().cli, argv)
+    finally:
+        for lg, handlers in zip(loggers, saved):
+            lg.handlers[:] = handlers
     return rc, err.getvalue()
 
 

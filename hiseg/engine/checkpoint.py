@@ -15,7 +15,6 @@ import os
 import tempfile
 
 import torch
-from fvcore.common.checkpoint import get_missing_parameters_message
 
 from ..checkpoint_io import SafeDetectionCheckpointer
 from .weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
@@ -62,19 +61,12 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
 
     def _log_incompatible_keys(self, incompatible) -> None:
         """One line for the tensors a converted file never held; the rest as detectron2 does."""
-        if not (self._weights_meta and incompatible.missing_keys):
-            return super()._log_incompatible_keys(incompatible)
-        line, rest = summarize_expected_missing(incompatible.missing_keys, self._weights_meta)
-        if line:
-            self.logger.info(line)
-        missing = list(incompatible.missing_keys)
-        incompatible.missing_keys[:] = []
-        try:
-            super()._log_incompatible_keys(incompatible)
-        finally:
-            incompatible.missing_keys[:] = missing
-        if rest:
-            self.logger.warning(get_missing_parameters_message(rest))
+        if self._weights_meta and incompatible.missing_keys:
+            line, rest = summarize_expected_missing(incompatible.missing_keys, self._weights_meta)
+            if line:
+                self.logger.info(line)
+            incompatible = incompatible._replace(missing_keys=rest)
+        super()._log_incompatible_keys(incompatible)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

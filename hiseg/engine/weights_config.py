@@ -24,7 +24,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple
 from ..errors import ConfigError
 
 __all__ = ["WEIGHTS_CONFIG_KEY", "WeightsConfigError", "config_value", "weights_config_mismatches",
-           "check_weights_config", "summarize_expected_missing"]
+           "check_weights_config", "summarize_expected_missing", "command_line_overrides"]
 
 WEIGHTS_CONFIG_KEY = "hiseg_weights_config"
 _MISSING = object()
@@ -46,12 +46,11 @@ def config_value(cfg, dotted: str) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Config equality: lists equal tuples, ints equal floats, booleans only booleans."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+        return type(a) is type(b) and a == b
     return a == b
 
 
@@ -72,8 +71,13 @@ def _fmt(mismatches: Iterable[Tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{k}: {need!r} (this config: {have!r})" for k, need, have in mismatches)
 
 
+def command_line_overrides(values: Mapping[str, Any]) -> str:
+    """``KEY VALUE ...`` for detectron2's command line (lists without spaces, strings unquoted)."""
+    return " ".join(f"{k} {str(v).replace(', ', ',').replace(chr(39), '')}" for k, v in values.items())
+
+
 def _fix(mismatches: Iterable[Tuple[str, Any, Any]]) -> str:
-    return " ".join(f"{k} {need!r}" for k, need, _ in mismatches).replace("'", "")
+    return command_line_overrides({k: need for k, need, _ in mismatches})
 
 
 def check_weights_config(cfg, meta: Optional[Mapping[str, Any]], path: str, evaluating: bool,

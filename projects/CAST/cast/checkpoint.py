@@ -554,8 +554,7 @@ def convert_checkpoint(src: Union[str, Mapping], fmt: str = "auto", model: Optio
 
 def describe_needed_config(result: ConversionResult) -> str:
     """The converter's report of the config values the weights need (stored in the output)."""
-    def line(values):
-        return " ".join(f"{k} {v}" for k, v in values.items()).replace("'", "").replace(", ", ",")
+    from hiseg.engine.weights_config import command_line_overrides
 
     out = ["config values these weights need (stored in the output; loading them into a config with "
            "other values fails):"]
@@ -564,7 +563,7 @@ def describe_needed_config(result: ConversionResult) -> str:
         out.append("settings they were trained with (stored too; evaluating with other values fails unless "
                    "HISEG.WEIGHTS_CONFIG_CHECK warn, fine-tuning with them logs a warning):")
         out += [f"  {k}: {v}" for k, v in result.trained_with.items()]
-    out.append("on the command line: " + line({**result.config, **result.trained_with}))
+    out.append("on the command line: " + command_line_overrides({**result.config, **result.trained_with}))
     return "\n".join(out)
 
 
