@@ -5,35 +5,15 @@ only, needs affine parameters and updates ``running_var`` with the biased varian
 BatchNorm on the same full batch stores the unbiased one). These subclasses of
 ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` keep their state-dict layout and, on W processes in
 training mode, equal the plain BatchNorm run on the W batches concatenated: outputs, gradients
-(through a differentiable all-reduce) and running statistics.
+(through fvcore's differentiable all-reduce, the one detectron2's own SyncBN uses) and running
+statistics.
 """
 import torch
 from detectron2.utils import comm
+from fvcore.nn.distributed import differentiable_all_reduce
 from torch import nn
 
 __all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "convert_to_sync_batchnorm", "differentiable_all_reduce"]
-
-
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out = x.clone()
-        torch.distributed.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        # d(sum over processes of their losses) / d(this process's input)
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
-
-
-def differentiable_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over all processes, with the gradient summed back (identity on one process)."""
-    if comm.get_world_size() == 1:
-        return x
-    return _AllReduceSum.apply(x)
 
 
 class _GlobalStatsBatchNorm:
