@@ -1,0 +1,1 @@
+"""Documented experiments of the OAP project (run as commands, not in CI)."""
