@@ -49,15 +49,15 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from hiseg.provenance import git_state as _git_state, machine_description, read_json, write_json_atomic
 
 from .budget import (BudgetSpec, CallLimits, point_path, read_run, read_steps, train_for_budget)
 
@@ -136,12 +136,16 @@ def train_dataset_name(base: str, max_images: int) -> str:
 def build_cfg(config_file: str, opts: Sequence = (), train_dataset: Optional[str] = None):
     from detectron2.config import get_cfg
 
+    from hiseg.cli import merge_config
     from hiseg.setup import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)
-    cfg.merge_from_file(config_file if os.path.isabs(config_file) else os.path.join(REPO_ROOT, config_file))
-    cfg.merge_from_list([str(o) if not isinstance(o, (list, tuple)) else str(list(o)) for o in opts])
+    path = str(config_file)
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        path = os.path.join(REPO_ROOT, path)  # the repository's configs from any working directory
+    # a missing file, an unknown key or a bad value: one-line ConfigError (hiseg.cli)
+    merge_config(cfg, path, [str(o) if not isinstance(o, (list, tuple)) else str(list(o)) for o in opts])
     if train_dataset:
         cfg.DATASETS.TRAIN = (train_dataset,)
     cfg.freeze()
@@ -153,29 +157,11 @@ def run_dir_for(out: str, model: str, seed: int) -> str:
 
 
 def git_state() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return _git_state(REPO_ROOT)
 
 
-def _atomic_json(path: str, obj):
-    from hiseg.data.datasets.common import atomic_write
-
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+_atomic_json = write_json_atomic
+_read_json = read_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,11 +906,6 @@ def parse_args(argv=None):
     return args
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{platform.node() or 'host'}, {os.cpu_count()} logical CPUs, {cpu}, torch {torch.__version__}"
-
-
 def main(argv=None, command: Optional[str] = None) -> str:
     """Run the experiment (see the module docstring); returns the report's text ('' with
     ``--train-only``)."""
@@ -949,11 +930,13 @@ def main(argv=None, command: Optional[str] = None) -> str:
         manifest["train_images"] = f"{n_train} images used; the full set has {parts}"
     else:
         manifest["train_images"] = f"{n_train} images"
-    manifest.update(train_dataset=ds, machine=_machine())
+    manifest.update(train_dataset=ds, machine=machine_description())
     print(f"[cast_vs_vit] {args.out}: models {', '.join(args.models)}, seeds {list(args.seeds)}, budget "
           f"{args.budget_minutes:g} min per run, mode {args.mode} ({args.threads} thread(s) per run), "
           f"{n_train} training images", flush=True)
 
+    for model in args.models:  # a bad config file or key: one error line here, not in a child process
+        build_cfg(args.configs[model], args.opts, ds)
     if not args.eval_only:
         t0 = time.perf_counter()
         inv["train_groups_wall_s"] = train_all(args)
