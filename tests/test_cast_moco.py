@@ -116,17 +116,22 @@ def test_momentum_encoder_starts_from_weights_loaded_after_construction():
 
 
 def test_main_job_runs(shared_data, tmp_path):
+    """The README's main job, on its quick settings: CAST and the ViT trained side by side for the
+    same (tiny) budget by the CAST vs ViT experiment, pictures of CAST's hierarchy, the BSDS500
+    table with the three rows."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     out = subprocess.run(
-        [sys.executable, "tools/main_job.py", "--pictures", "2", "--bsds-images", "2", "--max-size", "160",
-         *[str(x) for x in SMALL], "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "4",
-         "OUTPUT_DIR", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [sys.executable, "tools/main_job.py", "--quick", "--pictures", "2", "--max-size", "160",
+         "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "train iter 2/2" in out.stdout
+    assert "[cast s0] done:" in out.stdout and "[vit s0] done:" in out.stdout
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
-    assert "| CAST (ours, main job) |" in out.stdout and "| SEEDS superpixels alone |" in out.stdout
-    assert "| ViT + K-means (Appx. D.4) |" in out.stdout
-    assert (tmp_path / "model_final.pth").exists() and (tmp_path / "vit" / "model_final.pth").exists()
+    table = (tmp_path / "bsds500_val.md").read_text()
+    for row in ("| CAST |", "| ViT + K-means (Appx. D.4) |", "| SEEDS superpixels alone |"):
+        assert row in table and row in out.stdout, row
+    runs = tmp_path / "cast_vs_vit" / "runs"
+    assert (runs / "cast_s0" / "point_1.pth").exists() and (runs / "vit_s0" / "point_1.pth").exists()
+    assert "python tools/main_job.py --quick" in (tmp_path / "cast_vs_vit" / "results.md").read_text()
 
 
 def test_slic_torch_superpixels_come_from_the_model_not_the_mappers():
