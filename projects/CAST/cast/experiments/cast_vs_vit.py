@@ -44,7 +44,6 @@ the first N images of the sorted val ids.
 """
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing as mp

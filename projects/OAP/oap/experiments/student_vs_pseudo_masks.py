@@ -303,7 +303,7 @@ def write_report(args, manifest: dict) -> str:
     st = dict(res["student"])
     n_img = manifest.get("eval_images", "?")
     L = ["# OAP: the trained segmenter vs its own pseudo-masks (class-agnostic, COCO val)", ""]
-    L.append(f"* command(s): " + "; ".join(f"`{i['command']}`" for i in invs))
+    L.append("* command(s): " + "; ".join(f"`{i['command']}`" for i in invs))
     L.append(f"* commit(s): {', '.join(commits)}; seed {args.seed}; wall time {wall / 60:.1f} min in all "
              f"(training {sum(i.get('train_wall_s', 0) for i in invs) / 60:.1f} min)")
     L.append(f"* machine: {manifest.get('machine', '?')}; {args.threads} thread(s)")
