@@ -180,6 +180,30 @@ def test_coherence_scores():
     assert s.tolist() == pytest.approx([1.0, 2 ** -0.5, 1.0])
 
 
+def test_unique_results_are_the_training_targets():
+    """--unique writes each instance mask once, at its first layer: the same set the training
+    targets keep (oap.modeling.pseudo_targets)."""
+    from oap.modeling.pseudo_targets import pseudo_mask_targets
+    from oap.pooling import OAPGenerator
+    from oap.pseudo_label_io import pseudo_masks_to_results
+
+    torch.manual_seed(0)
+    feats = torch.randn(1, 16, 1, 1).repeat(1, 1, 12, 12) * 0.05
+    feats[:, :, 2:6, 2:6] += torch.randn(1, 16, 1, 1)  # two planted objects on a background
+    feats[:, :, 7:11, 6:11] += torch.randn(1, 16, 1, 1)
+    feats += 0.02 * torch.randn_like(feats)
+    pseudo = OAPGenerator()(feats)[0]
+    levels = [("instance", i) for i in range(len(pseudo.layers))]
+    tokens = torch.nn.functional.normalize(feats[0].flatten(1).t(), dim=1)
+    every = pseudo_masks_to_results(pseudo, 1, (24, 24), levels, tokens)
+    once = pseudo_masks_to_results(pseudo, 1, (24, 24), levels, tokens, unique=True)
+    targets = pseudo_mask_targets(pseudo)["instance"]
+    assert len(every) == sum(len(layer.level("instance")) for layer in pseudo.layers)
+    assert len(once) == len(targets.masks) < len(every)  # the planted masks repeat across layers
+    assert [r["layer"] for r in once] == targets.layer.tolist()
+    assert len({r["segmentation"]["counts"] for r in once}) == len(once)
+
+
 def test_evaluate_ground_truth_as_results_is_perfect(coco3):
     """The GT masks of every category, written as results (category 1), score AP = AR = 100 once
     the categories are collapsed: checks the class-agnostic GT and the id mapping."""

@@ -143,7 +143,7 @@ def test_report_has_one_row_per_method_with_the_numbers(tmp_path):
     os.makedirs(tmp_path / "pseudo")
     os.makedirs(tmp_path / "train")
     for method, it, ap in (("oap", 0, 1.25), ("maskcut", 0, 2.5), ("oap", 10, 1.5), ("oap", 20, 1.75),
-                           ("maskcut", 20, 2.75)):
+                           ("maskcut", 20, 2.75), ("oap_all", 0, 0.5)):
         with open(tmp_path / "pseudo" / f"{method}_it{it}_eval.json", "w") as f:
             json.dump({"max_dets": 100, "metrics": {"segm": {"AP": ap, "AP50": ap * 2, "AR100": ap * 3}}}, f)
     _write_metrics(tmp_path / "train" / "metrics.json", [
@@ -154,7 +154,10 @@ def test_report_has_one_row_per_method_with_the_numbers(tmp_path):
                 "eval_images": 50, "train_images": 50, "batch": 4}
     text = exp.write_report(args, manifest)
     lines = {ln.split("|")[1].strip() + ln.split("|")[2].strip(): ln for ln in text.splitlines() if ln.startswith("| (")}
-    assert "| 0 | 1.25 | 2.50 | 3.75 |" in lines["(a)teacher's OAP pseudo-masks (instance masks of its 5 layers) at the start"]
+    assert "| 0 | 1.25 | 2.50 | 3.75 |" in lines["(a)teacher's OAP pseudo-masks (instance masks of its 5 layers, "
+                                                "repeats once) at the start"]
+    assert "| 0 | 0.50 | 1.00 | 1.50 |" in lines["(a')as (a) with every layer's masks, repeats included, at the start"]
+    assert "| 20 | - | - | - |" in lines["(a')the same from the final EMA teacher"]
     assert "| 20 | 2.75 | 5.50 | 8.25 |" in lines["(b)MaskCut on the final teacher's features"]
     assert "| 20 | 3.50 | 7.00 | 9.00 |" in lines["(c)trained segmenter (final teacher + mask decoder, Sec. 5.1)"]
     assert "| 10 | 1.50 / 4.50 | 0.50 / 2.00 |" in text

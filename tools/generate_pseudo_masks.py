@@ -531,6 +531,9 @@ def parse_args(argv=None):
                    help="KIND[:LAYERS], KIND = instance|semantic|all, LAYERS = all|i|i,j|a-b (negative "
                         "from the end), e.g. 'instance' 'semantic:-1' 'all:0-2'")
     o.add_argument("--score", choices=SCORES, default="coherence")
+    o.add_argument("--unique", action="store_true",
+                   help="write a mask repeated by a later layer (a supernode that did not merge) once, at its "
+                        "first layer, as the training targets keep it (oap/modeling/pseudo_targets.py)")
     o.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
                    help="feature grid -> original image size")
     o.add_argument("--output", default=None, help="results JSON (default output/pseudo_masks/<name>_<method>.json)")
@@ -641,7 +644,8 @@ def run(args) -> int:
         tokens = flatten_normalized(feats)[0] if args.score == "coherence" else None
         for j, (item, img, _x, out_size) in enumerate(batch):
             res = pseudo_masks_to_results(pseudo[j], item.image_id, out_size, levels,
-                                          None if tokens is None else tokens[j], args.score, args.upsample)
+                                          None if tokens is None else tokens[j], args.score, args.upsample,
+                                          unique=args.unique)
             results.extend(res)
             for r in res:
                 counts[(r["level"], r["layer"])] += 1
@@ -710,6 +714,7 @@ def run(args) -> int:
         atomic_write_json(stem + "_eval.json", {
             "gt": str(gt), "results": output, "images": done, "max_dets": args.max_dets,
             "method": args.method, "levels": [f"{k}:{l}" for k, l in levels], "score": args.score,
+            "unique": bool(args.unique),
             "features": source.description, "metrics": metrics})
     if failures:
         print(f"{len(failures)} image(s) could not be read and were skipped ({done} of {len(items)} written):\n  "

@@ -230,7 +230,7 @@ def coherence_scores(masks: torch.Tensor, token_features: torch.Tensor) -> torch
 def pseudo_masks_to_results(
     pseudo, image_id, image_size: Sequence[int], levels: Sequence[Tuple[str, int]],
     token_features: Optional[torch.Tensor] = None, score: str = "coherence",
-    upsample: str = "bilinear", chunk: int = 32,
+    upsample: str = "bilinear", chunk: int = 32, unique: bool = False,
 ) -> List[dict]:
     """COCO result entries for the chosen ``(kind, layer)`` levels of one image.
 
@@ -238,7 +238,10 @@ def pseudo_masks_to_results(
     :meth:`MaskLevel.upsample` (``upsample``: ``bilinear`` or ``nearest``), ``chunk`` masks at a
     time. Each entry gets ``level`` (kind), ``layer`` (index) and ``threshold`` (``tau_t`` of the
     layer; MaskCut: its affinity threshold). ``score``: ``coherence`` (needs ``token_features``,
-    see :func:`coherence_scores`) or ``one`` (1.0, as CutLER's pseudo-labels).
+    see :func:`coherence_scores`) or ``one`` (1.0, as CutLER's pseudo-labels). ``unique``: a mask
+    equal on the feature grid to one already written for the same kind (a supernode that did not
+    merge is emitted again by the next layer) is left out, as the training targets leave it
+    (``oap.modeling.pseudo_targets``); levels are visited in the given order.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose from {SCORES}")
@@ -246,9 +249,19 @@ def pseudo_masks_to_results(
         raise ValueError("score='coherence' needs the token features")
     size = (int(image_size[0]), int(image_size[1]))
     out: List[dict] = []
+    seen: Dict[str, set] = {}
     for kind, layer_idx in levels:
         layer = pseudo.layers[layer_idx]
         level = layer.level(kind)
+        if unique and len(level):
+            flat = level.masks.flatten(1).to(torch.uint8).cpu().numpy()
+            keys = [row.tobytes() for row in flat]
+            done = seen.setdefault(kind, set())
+            keep = [i for i, key in enumerate(keys) if key not in done and not done.add(key)]
+            if len(keep) < len(level):
+                idx = torch.as_tensor(keep, dtype=torch.long, device=level.masks.device)
+                level = type(level)(masks=level.masks[idx], features=level.features[idx],
+                                    parents=level.parents[idx], nested=level.nested[idx])
         k = len(level)
         if k == 0:
             continue

@@ -9,14 +9,15 @@ tests it at a 2-core CPU's scale, class-agnostically on the local COCO val image
    (``student.backbone.vit.*``; the teacher is copied from the student at the first step) and,
    as ``backbone.vit.*``, the feature source of the pseudo-mask scoring;
 2. ``pseudo-masks at the start``: the teacher's OAP pseudo-masks (``tools/generate_pseudo_masks.py
-   --method oap``, instance masks of all 5 layers, the masks the training targets are made of)
-   and MaskCut (``--method maskcut``) on the same teacher features, scored with COCO's
-   class-agnostic AP / AP50 / AR100;
+   --method oap --unique``: the instance masks of all 5 layers, a repeated mask once, the set the
+   training targets are made of; also without ``--unique``) and MaskCut (``--method maskcut``)
+   on the same teacher features, scored with COCO's class-agnostic AP / AP50 / AR100;
 3. ``train``: ``OAPSegmentor`` trained with ``tools/train_net.py`` on the local COCO train
    images; the trainer scores the model (Sec. 5.1: the teacher network with the mask decoder) on
    the val images at ``--points`` and saves a checkpoint there;
 4. ``pseudo-masks along training``: the EMA teacher of every saved checkpoint, as the training
-   step uses it (its ViT-Adapter's attention keys), scored with OAP (and MaskCut at the end);
+   step uses it (its ViT-Adapter's attention keys), scored with OAP (and, at the end, OAP with
+   repeats and MaskCut);
 5. ``report``: ``results.md`` (one table: (a) pseudo-masks, (b) MaskCut, (c) the trained
    segmenter, with images and budget), ``learning_curves.png`` and ``results.json``;
    ``manifest.json`` keeps every invocation (command, commit, wall time).
@@ -214,16 +215,25 @@ def _tool(name: str) -> str:
     return path
 
 
-def score_pseudo_masks(args, backbone_weights: str, method: str, out_json: str, log: str) -> float:
-    """Class-agnostic AP of ``method``'s masks on the teacher features of ``backbone_weights``
-    (attention keys of the config's backbone, ``--feature keys``), at ``--pseudo-input-size`` on the
-    long side; writes ``out_json`` and ``<stem>_eval.json``. Returns the wall time."""
+#: scored pseudo-mask sets: name -> (method, --unique). "oap": the instance masks of the 5 OAP
+#: layers with repeats kept once, the set the training targets are made of
+#: (oap.modeling.pseudo_targets); "oap_all": every layer's masks, repeats included (Table 1's
+#: reading of "the instance masks of every layer"); "maskcut": MaskCut's N = 3 cuts.
+PSEUDO_SETS = {"oap": ("oap", True), "oap_all": ("oap", False), "maskcut": ("maskcut", False)}
+
+
+def score_pseudo_masks(args, backbone_weights: str, name: str, out_json: str, log: str) -> float:
+    """Class-agnostic AP of the pseudo-mask set ``name`` (:data:`PSEUDO_SETS`) on the teacher
+    features of ``backbone_weights`` (attention keys of the config's backbone, ``--feature keys``),
+    at ``--pseudo-input-size`` on the long side; writes ``out_json`` and ``<stem>_eval.json``.
+    Returns the wall time."""
+    method, unique = PSEUDO_SETS[name]
     cmd = [sys.executable, _tool("generate_pseudo_masks.py"), "--method", method, "--dataset", args.eval_dataset,
            "--config-file", args.config_file, "--feature", "keys", "--keep-aspect",
            "--input-size", str(args.pseudo_input_size), "--levels", "instance", "--evaluate",
-           "--max-dets", "100", "--output", out_json, "--no-progress",
+           "--max-dets", "100", "--output", out_json, "--no-progress", *(["--unique"] if unique else []),
            "--opts", *args.opts, "MODEL.WEIGHTS", backbone_weights, "MODEL.DEVICE", "cpu"]
-    return _run(cmd, log, args.threads, f"{method} pseudo-masks of {os.path.basename(backbone_weights)}")
+    return _run(cmd, log, args.threads, f"{name} pseudo-masks of {os.path.basename(backbone_weights)}")
 
 
 def train_overrides(args) -> List[str]:
@@ -259,7 +269,7 @@ def _cell(v: Optional[float]) -> str:
 def collect(args) -> dict:
     pseudo = {}
     for name in sorted(os.listdir(os.path.join(args.out, "pseudo"))) if os.path.isdir(os.path.join(args.out, "pseudo")) else []:
-        m = re.fullmatch(r"(oap|maskcut)_it(\d+)_eval\.json", name)
+        m = re.fullmatch(r"(oap_all|oap|maskcut)_it(\d+)_eval\.json", name)
         if m:
             pseudo.setdefault(m.group(1), {})[int(m.group(2))] = _pseudo_eval(os.path.join(args.out, "pseudo", name))
     return {"pseudo": pseudo, "student": student_curve(os.path.join(args.out, "train", "metrics.json"), args.iters)}
@@ -278,6 +288,7 @@ def plot_curves(res: dict, path: str, caption: str) -> None:
             ax.plot([i for i, _ in st], [v.get(m) for _, v in st], "o-", color="C0",
                     label="(c) trained segmenter (teacher + decoder)")
         for method, color, label in (("oap", "C1", "(a) teacher's OAP pseudo-masks"),
+                                     ("oap_all", "C3", "(a') the same, repeats included"),
                                      ("maskcut", "C2", "(b) MaskCut, same teacher features")):
             pts = sorted((i, v[m]) for i, v in res["pseudo"].get(method, {}).items() if v)
             if pts:
@@ -300,6 +311,7 @@ def write_report(args, manifest: dict) -> str:
     wall = sum(i.get("wall_s", 0.0) for i in invs)
     final_it = args.iters
     oap, mc = res["pseudo"].get("oap", {}), res["pseudo"].get("maskcut", {})
+    oap_all = res["pseudo"].get("oap_all", {})
     st = dict(res["student"])
     n_img = manifest.get("eval_images", "?")
     L = ["# OAP: the trained segmenter vs its own pseudo-masks (class-agnostic, COCO val)", ""]
@@ -316,8 +328,11 @@ def write_report(args, manifest: dict) -> str:
     L.append("")
     L.append("| row | what | iteration | mask AP | AP50 | AR100 |")
     L.append("|---|---|---|---|---|---|")
-    rows = [("(a)", "teacher's OAP pseudo-masks (instance masks of its 5 layers) at the start", 0, oap.get(0)),
+    rows = [("(a)", "teacher's OAP pseudo-masks (instance masks of its 5 layers, repeats once) at the start", 0,
+             oap.get(0)),
             ("(a)", "the same from the final EMA teacher", final_it, oap.get(final_it)),
+            ("(a')", "as (a) with every layer's masks, repeats included, at the start", 0, oap_all.get(0)),
+            ("(a')", "the same from the final EMA teacher", final_it, oap_all.get(final_it)),
             ("(b)", "MaskCut (N = 3) on the start teacher's features", 0, mc.get(0)),
             ("(b)", "MaskCut on the final teacher's features", final_it, mc.get(final_it)),
             ("(c)", "trained segmenter (final teacher + mask decoder, Sec. 5.1)", final_it, st.get(final_it))]
@@ -360,7 +375,7 @@ def parse_args(argv=None):
     p.add_argument("--pseudo-input-size", type=int, default=320,
                    help="long side of the images the pseudo-masks' teacher features are computed on")
     p.add_argument("--maskcut-every-point", action="store_true",
-                   help="score MaskCut at every saved point, not only at the start and the end")
+                   help="score MaskCut (and OAP with repeats) at every saved point, not only at the start and the end")
     p.add_argument("--report-only", action="store_true", help="only redraw the report from what exists")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (after --)")
     args = p.parse_args(argv)
@@ -415,7 +430,7 @@ def main(argv=None, command: Optional[str] = None) -> str:
         backbone0 = os.path.splitext(init)[0] + "_backbone.pth"
         pdir = os.path.join(args.out, "pseudo")
         walls = {}
-        for method in ("oap", "maskcut"):
+        for method in PSEUDO_SETS:
             out_json = os.path.join(pdir, f"{method}_it0.json")
             if not os.path.isfile(out_json[:-5] + "_eval.json"):
                 walls[f"{method}_it0"] = score_pseudo_masks(args, backbone0, method, out_json,
@@ -428,7 +443,7 @@ def main(argv=None, command: Optional[str] = None) -> str:
             inv["train_wall_s"] = round(_run(cmd, os.path.join(args.out, "train_log.txt"), args.threads,
                                              "training"), 1)
         for it, ckpt in saved_points(train_dir, args.iters):
-            methods = ["oap"] + (["maskcut"] if it == args.iters or args.maskcut_every_point else [])
+            methods = ["oap"] + (["oap_all", "maskcut"] if it == args.iters or args.maskcut_every_point else [])
             for method in methods:
                 out_json = os.path.join(pdir, f"{method}_it{it}.json")
                 if os.path.isfile(out_json[:-5] + "_eval.json"):
