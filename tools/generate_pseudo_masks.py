@@ -7,7 +7,7 @@
         [--embed-dim D --depth L --heads H] [--keep-aspect]
         [--config-file FILE [--feature res5|keys] [--opts KEY VALUE ...]]
         [--features vit|efficientnet-lite0 [--effnet-layers block10 head ...]]
-        [--levels instance semantic:-1 all:0-2] [--score coherence|one] [--upsample bilinear|nearest]
+        [--levels instance semantic:-1 all:0-2] [--score coherence|one] [--unique] [--upsample bilinear|nearest]
         [--output results.json] [--annotations-out pseudo_train.json]
         [--vis-dir DIR] [--max-vis N] [--evaluate] [--gt NAME_OR_JSON] [--max-dets 100]
 
@@ -33,7 +33,9 @@ pseudo-labels: ``image_id``, ``category_id`` 1, ``segmentation`` (RLE, ``counts`
 layer index; MaskCut: 0) and ``threshold`` (that layer's tau; MaskCut: its affinity threshold).
 ``--score coherence`` (default) is the mask's feature coherence, the length of the mean of its
 tokens' L2-normalised features (= their mean cosine to the mask's mean direction, in [0, 1]);
-``--score one`` gives 1.0 to every mask, as CutLER does. ``--annotations-out`` also writes a full
+``--score one`` gives 1.0 to every mask, as CutLER does. ``--unique`` writes a mask that a later
+OAP layer repeats (a supernode that did not merge) once, at its first layer, as the training
+targets keep it. ``--annotations-out`` also writes a full
 COCO annotation file of the masks (images, one ``fg`` category, ``id`` / ``area`` / ``iscrowd``).
 
 ``--evaluate``: class-agnostic COCO AP / AP50 / AR of the written masks (segm and bbox) with
