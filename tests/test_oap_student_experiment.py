@@ -169,3 +169,30 @@ def test_a_folder_refuses_other_settings(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"invocations": [], "settings": {"iters": 5}}))
     with pytest.raises(exp.ExperimentError, match="other settings"):
         exp.main(["--vit-weights", "w.pth", "--out", str(tmp_path), "--iters", "20"])
+
+
+def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
+    """(d): predictions equal to the pseudo-masks are perfect against them, whatever COCO says;
+    predictions on the wrong place score 0."""
+    import numpy as np
+
+    from oap.pseudo_label_io import masks_to_results, write_results
+
+    masks = np.zeros((2, 32, 40), dtype=bool)
+    masks[0, 2:12, 3:15] = True
+    masks[1, 16:30, 20:38] = True
+    pseudo = masks_to_results(masks, 7, [0.9, 0.8], level="instance", layer=0, threshold=0.8)
+    write_results(str(tmp_path / "pseudo.json"), pseudo)
+    (tmp_path / "images.json").write_text(json.dumps({"images": [{"id": 7, "height": 32, "width": 40,
+                                                                  "file_name": "x.jpg"}], "annotations": []}))
+    same = [dict(r, category_id=1) for r in pseudo]
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    m = exp.agreement_with_pseudo_masks(str(tmp_path / "same.json"), str(tmp_path / "pseudo.json"),
+                                        str(tmp_path / "images.json"), str(tmp_path / "agree.json"))
+    assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+    assert exp._pseudo_eval(str(tmp_path / "agree.json"))["AP"] == pytest.approx(100.0)
+    wrong = masks_to_results(np.roll(masks, 16, axis=2), 7, [0.9, 0.8], category_id=1)
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    m = exp.agreement_with_pseudo_masks(str(tmp_path / "wrong.json"), str(tmp_path / "pseudo.json"),
+                                        str(tmp_path / "images.json"), str(tmp_path / "agree2.json"))
+    assert m["AP"] == pytest.approx(0.0)

@@ -45,6 +45,7 @@ from hiseg.provenance import git_state, machine_description, read_json, write_js
 
 __all__ = [
     "find_vit_prefix", "oap_init_checkpoint", "branch_backbone_checkpoint", "student_curve",
+    "agreement_with_pseudo_masks",
     "parse_args", "main",
 ]
 
@@ -260,6 +261,25 @@ def saved_points(train_dir: str, iters: int) -> List[Tuple[int, str]]:
     return sorted(out.items())
 
 
+def agreement_with_pseudo_masks(segmenter_results: str, pseudo_results: str, images_json: str,
+                                out_json: str) -> Dict[str, float]:
+    """How well the trained segmenter reproduces its own kind of targets on unseen images: its
+    class-agnostic predictions scored (mask AP / AP50 / AR100) against the teacher's OAP
+    pseudo-masks taken as the ground truth, on the images of ``images_json`` (a COCO file; its
+    annotations are not used). Written to ``out_json``; returns the mask metrics."""
+    from oap.pseudo_label_io import evaluate_results, load_results, results_to_coco_dataset
+
+    with open(images_json) as f:
+        images = json.load(f)["images"]
+    with open(segmenter_results) as f:
+        predictions = json.load(f)
+    pseudo_gt = results_to_coco_dataset(load_results(pseudo_results), images)
+    metrics = evaluate_results(predictions, pseudo_gt, image_ids=[im["id"] for im in images], tasks=("segm",))
+    write_json_atomic(out_json, {"max_dets": 100, "segmenter": segmenter_results, "ground_truth": pseudo_results,
+                                 "metrics": metrics})
+    return {k: float(metrics["segm"][k]) for k in METRICS}
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 def _cell(v: Optional[float]) -> str:
@@ -272,7 +292,8 @@ def collect(args) -> dict:
         m = re.fullmatch(r"(oap_all|oap|maskcut)_it(\d+)_eval\.json", name)
         if m:
             pseudo.setdefault(m.group(1), {})[int(m.group(2))] = _pseudo_eval(os.path.join(args.out, "pseudo", name))
-    return {"pseudo": pseudo, "student": student_curve(os.path.join(args.out, "train", "metrics.json"), args.iters)}
+    return {"pseudo": pseudo, "student": student_curve(os.path.join(args.out, "train", "metrics.json"), args.iters),
+            "agreement": _pseudo_eval(os.path.join(args.out, "agreement_eval.json"))}
 
 
 def plot_curves(res: dict, path: str, caption: str) -> None:
@@ -335,7 +356,9 @@ def write_report(args, manifest: dict) -> str:
             ("(a')", "the same from the final EMA teacher", final_it, oap_all.get(final_it)),
             ("(b)", "MaskCut (N = 3) on the start teacher's features", 0, mc.get(0)),
             ("(b)", "MaskCut on the final teacher's features", final_it, mc.get(final_it)),
-            ("(c)", "trained segmenter (final teacher + mask decoder, Sec. 5.1)", final_it, st.get(final_it))]
+            ("(c)", "trained segmenter (final teacher + mask decoder, Sec. 5.1)", final_it, st.get(final_it)),
+            ("(d)", "(c) scored against (a) of the final teacher as the ground truth (not against COCO)", final_it,
+             res["agreement"])]
     for tag, what, it, v in rows:
         v = v or {}
         L.append(f"| {tag} | {what} | {it} | {_cell(v.get('AP'))} | {_cell(v.get('AP50'))} | {_cell(v.get('AR100'))} |")
@@ -454,6 +477,12 @@ def main(argv=None, command: Optional[str] = None) -> str:
                 walls[f"{method}_it{it}"] = score_pseudo_masks(args, teacher, method, out_json,
                                                                os.path.join(pdir, "log.txt"))
         inv["pseudo_wall_s"] = {k: round(v, 1) for k, v in walls.items()}
+        final_pseudo = os.path.join(pdir, f"oap_it{args.iters}.json")
+        predictions = os.path.join(train_dir, "inference", args.eval_dataset, "coco_instances_results.json")
+        images = os.path.join(train_dir, "inference", args.eval_dataset, f"{args.eval_dataset}_cls_agnostic.json")
+        agreement = os.path.join(args.out, "agreement_eval.json")
+        if not os.path.isfile(agreement) and all(map(os.path.isfile, (final_pseudo, predictions, images))):
+            agreement_with_pseudo_masks(predictions, final_pseudo, images, agreement)
     inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     manifest["invocations"].append(inv)
     write_json_atomic(mpath, manifest)
