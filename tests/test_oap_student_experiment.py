@@ -196,3 +196,10 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     m = exp.agreement_with_pseudo_masks(str(tmp_path / "wrong.json"), str(tmp_path / "pseudo.json"),
                                         str(tmp_path / "images.json"), str(tmp_path / "agree2.json"))
     assert m["AP"] == pytest.approx(0.0)
+    from oap.pseudo_label_io import encode_mask
+
+    empty = wrong + [dict(same[0], score=0.99, segmentation=encode_mask(np.zeros((32, 40), bool)))]
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    exp.agreement_with_pseudo_masks(str(tmp_path / "empty.json"), str(tmp_path / "pseudo.json"),
+                                    str(tmp_path / "images.json"), str(tmp_path / "agree3.json"))
+    assert json.loads((tmp_path / "agree3.json").read_text())["empty_masks_left_out"] == 1

@@ -266,16 +266,21 @@ def agreement_with_pseudo_masks(segmenter_results: str, pseudo_results: str, ima
     """How well the trained segmenter reproduces its own kind of targets on unseen images: its
     class-agnostic predictions scored (mask AP / AP50 / AR100) against the teacher's OAP
     pseudo-masks taken as the ground truth, on the images of ``images_json`` (a COCO file; its
-    annotations are not used). Written to ``out_json``; returns the mask metrics."""
-    from oap.pseudo_label_io import evaluate_results, load_results, results_to_coco_dataset
+    annotations are not used). Predictions with an empty mask cannot match anything and are left
+    out (their number is recorded). Written to ``out_json``; returns the mask metrics."""
+    from pycocotools import mask as mask_util
+
+    from oap.pseudo_label_io import _rle_for_api, evaluate_results, load_results, results_to_coco_dataset
 
     with open(images_json) as f:
         images = json.load(f)["images"]
     with open(segmenter_results) as f:
         predictions = json.load(f)
+    kept = [r for r in predictions if mask_util.area(_rle_for_api(r["segmentation"])) > 0]
     pseudo_gt = results_to_coco_dataset(load_results(pseudo_results), images)
-    metrics = evaluate_results(predictions, pseudo_gt, image_ids=[im["id"] for im in images], tasks=("segm",))
+    metrics = evaluate_results(kept, pseudo_gt, image_ids=[im["id"] for im in images], tasks=("segm",))
     write_json_atomic(out_json, {"max_dets": 100, "segmenter": segmenter_results, "ground_truth": pseudo_results,
+                                 "predictions": len(predictions), "empty_masks_left_out": len(predictions) - len(kept),
                                  "metrics": metrics})
     return {k: float(metrics["segm"][k]) for k in METRICS}
 
