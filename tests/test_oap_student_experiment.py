@@ -203,3 +203,14 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     exp.agreement_with_pseudo_masks(str(tmp_path / "empty.json"), str(tmp_path / "pseudo.json"),
                                     str(tmp_path / "images.json"), str(tmp_path / "agree3.json"))
     assert json.loads((tmp_path / "agree3.json").read_text())["empty_masks_left_out"] == 1
+
+
+def test_a_failed_invocation_is_recorded(tmp_path):
+    """A step that fails (here: weights that are not a checkpoint) still leaves the invocation,
+    with the error, in manifest.json; the error is one UserError line for the command line."""
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(CheckpointError):
+        exp.main(["--vit-weights", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "out"), "--iters", "4",
+                  "--points", "2", "--config-file", str(QUICK)])
+    inv = json.loads((tmp_path / "out" / "manifest.json").read_text())["invocations"][-1]
+    assert inv["failed"].startswith("CheckpointError") and "junk.pth" in inv["failed"] and "wall_s" in inv

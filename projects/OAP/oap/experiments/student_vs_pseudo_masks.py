@@ -445,52 +445,59 @@ def main(argv=None, command: Optional[str] = None) -> str:
     import hiseg.data  # noqa: F401  (registers the datasets)
     from detectron2.data import DatasetCatalog
 
-    manifest.update(machine=machine_description(), train_dataset=",".join(cfg.DATASETS.TRAIN),
-                    train_images=sum(len(DatasetCatalog.get(d)) for d in cfg.DATASETS.TRAIN),
-                    eval_images=len(DatasetCatalog.get(args.eval_dataset)), batch=cfg.SOLVER.IMS_PER_BATCH)
+    from hiseg.dataset_checks import check_datasets
 
-    if not args.report_only:
-        init = os.path.join(args.out, "init", "vit_init.pth")
-        if not os.path.isfile(init):
-            info = oap_init_checkpoint(args.vit_weights, init, cfg)
-            manifest["init"] = f"`{args.vit_weights}` ({info['source_prefix']}*)"
-            write_json_atomic(mpath, manifest)
-        backbone0 = os.path.splitext(init)[0] + "_backbone.pth"
-        pdir = os.path.join(args.out, "pseudo")
-        walls = {}
-        for method in PSEUDO_SETS:
-            out_json = os.path.join(pdir, f"{method}_it0.json")
-            if not os.path.isfile(out_json[:-5] + "_eval.json"):
-                walls[f"{method}_it0"] = score_pseudo_masks(args, backbone0, method, out_json,
-                                                            os.path.join(pdir, "log.txt"))
-        train_dir = os.path.join(args.out, "train")
-        if not os.path.isfile(os.path.join(train_dir, "model_final.pth")):
-            resume = ["--resume"] if os.path.isfile(os.path.join(train_dir, "last_checkpoint")) else []
-            cmd = [sys.executable, _tool("train_net.py"), "--config-file", args.config_file, *resume,
-                   *train_overrides(args)]
-            inv["train_wall_s"] = round(_run(cmd, os.path.join(args.out, "train_log.txt"), args.threads,
-                                             "training"), 1)
-        for it, ckpt in saved_points(train_dir, args.iters):
-            methods = ["oap"] + (["oap_all", "maskcut"] if it == args.iters or args.maskcut_every_point else [])
-            for method in methods:
-                out_json = os.path.join(pdir, f"{method}_it{it}.json")
-                if os.path.isfile(out_json[:-5] + "_eval.json"):
-                    continue
-                teacher = os.path.join(args.out, "teacher", f"teacher_it{it}.pth")
-                if not os.path.isfile(teacher):
-                    branch_backbone_checkpoint(ckpt, teacher, "teacher")
-                walls[f"{method}_it{it}"] = score_pseudo_masks(args, teacher, method, out_json,
-                                                               os.path.join(pdir, "log.txt"))
-        inv["pseudo_wall_s"] = {k: round(v, 1) for k, v in walls.items()}
-        final_pseudo = os.path.join(pdir, f"oap_it{args.iters}.json")
-        predictions = os.path.join(train_dir, "inference", args.eval_dataset, "coco_instances_results.json")
-        images = os.path.join(train_dir, "inference", args.eval_dataset, f"{args.eval_dataset}_cls_agnostic.json")
-        agreement = os.path.join(args.out, "agreement_eval.json")
-        if not os.path.isfile(agreement) and all(map(os.path.isfile, (final_pseudo, predictions, images))):
-            agreement_with_pseudo_masks(predictions, final_pseudo, images, agreement)
-    inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    manifest["invocations"].append(inv)
-    write_json_atomic(mpath, manifest)
+
+    try:
+        if not args.report_only:
+            init = os.path.join(args.out, "init", "vit_init.pth")
+            if not os.path.isfile(init):
+                info = oap_init_checkpoint(args.vit_weights, init, cfg)
+                manifest["init"] = f"`{args.vit_weights}` ({info['source_prefix']}*)"
+            # a missing dataset folder: one error line naming it (hiseg.dataset_checks)
+            check_datasets((*cfg.DATASETS.TRAIN, args.eval_dataset))
+            manifest.update(machine=machine_description(), train_dataset=",".join(cfg.DATASETS.TRAIN),
+                            train_images=sum(len(DatasetCatalog.get(d)) for d in cfg.DATASETS.TRAIN),
+                            eval_images=len(DatasetCatalog.get(args.eval_dataset)), batch=cfg.SOLVER.IMS_PER_BATCH)
+            backbone0 = os.path.splitext(init)[0] + "_backbone.pth"
+            pdir = os.path.join(args.out, "pseudo")
+            walls = inv["pseudo_wall_s"] = {}  # filled as each set is scored (kept if a later step fails)
+            for method in PSEUDO_SETS:
+                out_json = os.path.join(pdir, f"{method}_it0.json")
+                if not os.path.isfile(out_json[:-5] + "_eval.json"):
+                    walls[f"{method}_it0"] = round(score_pseudo_masks(args, backbone0, method, out_json,
+                                                                      os.path.join(pdir, "log.txt")), 1)
+            train_dir = os.path.join(args.out, "train")
+            if not os.path.isfile(os.path.join(train_dir, "model_final.pth")):
+                resume = ["--resume"] if os.path.isfile(os.path.join(train_dir, "last_checkpoint")) else []
+                cmd = [sys.executable, _tool("train_net.py"), "--config-file", args.config_file, *resume,
+                       *train_overrides(args)]
+                inv["train_wall_s"] = round(_run(cmd, os.path.join(args.out, "train_log.txt"), args.threads,
+                                                 "training"), 1)
+            for it, ckpt in saved_points(train_dir, args.iters):
+                methods = ["oap"] + (["oap_all", "maskcut"] if it == args.iters or args.maskcut_every_point else [])
+                for method in methods:
+                    out_json = os.path.join(pdir, f"{method}_it{it}.json")
+                    if os.path.isfile(out_json[:-5] + "_eval.json"):
+                        continue
+                    teacher = os.path.join(args.out, "teacher", f"teacher_it{it}.pth")
+                    if not os.path.isfile(teacher):
+                        branch_backbone_checkpoint(ckpt, teacher, "teacher")
+                    walls[f"{method}_it{it}"] = round(score_pseudo_masks(args, teacher, method, out_json,
+                                                                         os.path.join(pdir, "log.txt")), 1)
+            final_pseudo = os.path.join(pdir, f"oap_it{args.iters}.json")
+            predictions = os.path.join(train_dir, "inference", args.eval_dataset, "coco_instances_results.json")
+            images = os.path.join(train_dir, "inference", args.eval_dataset, f"{args.eval_dataset}_cls_agnostic.json")
+            agreement = os.path.join(args.out, "agreement_eval.json")
+            if not os.path.isfile(agreement) and all(map(os.path.isfile, (final_pseudo, predictions, images))):
+                agreement_with_pseudo_masks(predictions, final_pseudo, images, agreement)
+    except BaseException as e:  # the invocation is recorded with what it did before it failed
+        inv["failed"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        raise
+    finally:
+        inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        manifest["invocations"].append(inv)
+        write_json_atomic(mpath, manifest)
     text = write_report(args, manifest)
     print(text, flush=True)
     return text
