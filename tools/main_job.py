@@ -15,9 +15,9 @@ the data at hand, in about 7 minutes on 2 CPU cores.
    the hierarchical evaluator and print the table (also in ``<out>/bsds500_val.md``; the full
    report in ``<out>/cast_vs_vit/results.md``).
 
-Why 4 minutes: in the 30-minute, 2-seed run of docs/cast_vs_vit.md every measure had its final
-sign (which model is ahead) from the first scored point on (12.5% of the budget, 3.75 minutes of
-training); docs/cast.md ("The main job") compares this job's table with that run.
+Why 4 minutes: in the 30-minute, 2-seed run of docs/cast_vs_vit.md every measure but RegionF@64
+had its final leader from the first scored point on (12.5% of the budget, 3.75 minutes of
+training); docs/cast.md ("The main job's BSDS500 table") compares this job's table with that run.
 
 A bad config file or key, checkpoint or dataset folder is one ``error:`` line with exit status 2;
 an unreadable image (truncated, empty, zero-size, not an image) is a warning, is skipped and
