@@ -199,7 +199,7 @@ def _run(cmd: List[str], log_path: str, threads: int, what: str) -> float:
     print(f"[oap_experiment] {what}: {shlex.join(cmd)}  (log {log_path})", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0,):
         with open(log_path) as f:
@@ -230,7 +230,7 @@ def score_pseudo_masks(args, backbone_weights: str, name: str, out_json: str, lo
     Returns the wall time."""
     method, unique = PSEUDO_SETS[name]
     cmd = [sys.executable, _tool("generate_pseudo_masks.py"), "--method", method, "--dataset", args.eval_dataset,
-           "--config-file", args.config_file, "--feature", "keys", "--keep-aspect",
+           "--config-file", args.config_path, "--feature", "keys", "--keep-aspect",
            "--input-size", str(args.pseudo_input_size), "--levels", "instance", "--evaluate",
            "--max-dets", "100", "--output", out_json, "--no-progress", *(["--unique"] if unique else []),
            "--opts", *args.opts, "MODEL.WEIGHTS", backbone_weights, "MODEL.DEVICE", "cpu"]
@@ -411,6 +411,10 @@ def parse_args(argv=None):
         args.opts = args.opts[1:]
     if args.iters < 1 or args.points < 1 or args.points > args.iters:
         p.error("--iters must be >= --points >= 1")
+    # the repository's configs also from another working directory (sub-commands run in this one)
+    in_repo = os.path.join(str(REPO_ROOT), args.config_file)
+    args.config_path = args.config_file if os.path.isfile(args.config_file) or not os.path.isfile(in_repo) \
+        else in_repo
     return args
 
 
@@ -422,7 +426,7 @@ def _cfg(args):
 
     cfg = get_cfg()
     add_all_configs(cfg)
-    merge_config(cfg, args.config_file, list(args.opts))
+    merge_config(cfg, args.config_path, list(args.opts))
     return cfg
 
 
@@ -470,7 +474,7 @@ def main(argv=None, command: Optional[str] = None) -> str:
             train_dir = os.path.join(args.out, "train")
             if not os.path.isfile(os.path.join(train_dir, "model_final.pth")):
                 resume = ["--resume"] if os.path.isfile(os.path.join(train_dir, "last_checkpoint")) else []
-                cmd = [sys.executable, _tool("train_net.py"), "--config-file", args.config_file, *resume,
+                cmd = [sys.executable, _tool("train_net.py"), "--config-file", args.config_path, *resume,
                        *train_overrides(args)]
                 inv["train_wall_s"] = round(_run(cmd, os.path.join(args.out, "train_log.txt"), args.threads,
                                                  "training"), 1)
