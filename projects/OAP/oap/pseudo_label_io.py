@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+from .pooling.types import first_unique_rows
+
 __all__ = [
     "KINDS", "SCORES", "FG_CATEGORY",
     "encode_mask", "decode_segmentation", "bbox_from_mask", "mask_to_result", "masks_to_results",
@@ -227,6 +229,23 @@ def coherence_scores(masks: torch.Tensor, token_features: torch.Tensor) -> torch
     return mean.norm(dim=1).clamp(0, 1).float().cpu()
 
 
+def _first_occurrences(pseudo, levels: Sequence[Tuple[str, int]]) -> Dict[Tuple[str, int], torch.Tensor]:
+    """``{(kind, layer): indices}`` of the masks of each listed level that no earlier listed layer
+    of the same kind emitted identically (:func:`first_unique_rows` over the layers in order, as
+    the training targets are made)."""
+    out = {}
+    for kind in dict.fromkeys(k for k, _ in levels):
+        layers = [i for k, i in levels if k == kind]
+        masks = [pseudo.layers[i].level(kind).masks for i in layers]
+        first = first_unique_rows(torch.cat(masks).flatten(1))
+        start = 0
+        for i, m in zip(layers, masks):
+            stop = start + m.shape[0]
+            out[(kind, i)] = first[(first >= start) & (first < stop)] - start
+            start = stop
+    return out
+
+
 def pseudo_masks_to_results(
     pseudo, image_id, image_size: Sequence[int], levels: Sequence[Tuple[str, int]],
     token_features: Optional[torch.Tensor] = None, score: str = "coherence",
@@ -249,19 +268,12 @@ def pseudo_masks_to_results(
         raise ValueError("score='coherence' needs the token features")
     size = (int(image_size[0]), int(image_size[1]))
     out: List[dict] = []
-    seen: Dict[str, set] = {}
+    keep = _first_occurrences(pseudo, levels) if unique else {}
     for kind, layer_idx in levels:
         layer = pseudo.layers[layer_idx]
         level = layer.level(kind)
-        if unique and len(level):
-            flat = level.masks.flatten(1).to(torch.uint8).cpu().numpy()
-            keys = [row.tobytes() for row in flat]
-            done = seen.setdefault(kind, set())
-            keep = [i for i, key in enumerate(keys) if key not in done and not done.add(key)]
-            if len(keep) < len(level):
-                idx = torch.as_tensor(keep, dtype=torch.long, device=level.masks.device)
-                level = type(level)(masks=level.masks[idx], features=level.features[idx],
-                                    parents=level.parents[idx], nested=level.nested[idx])
+        if (kind, layer_idx) in keep:
+            level = level.select(keep[(kind, layer_idx)])
         k = len(level)
         if k == 0:
             continue
@@ -271,9 +283,7 @@ def pseudo_masks_to_results(
             scores = [1.0] * k
         for start in range(0, k, max(1, int(chunk))):
             stop = start + chunk
-            sub = type(level)(masks=level.masks[start:stop], features=level.features[start:stop],
-                              parents=level.parents[start:stop], nested=level.nested[start:stop])
-            big = sub.upsample(size, mode=upsample).cpu().numpy()
+            big = level.select(slice(start, stop)).upsample(size, mode=upsample).cpu().numpy()
             out.extend(masks_to_results(big, image_id, scores[start:stop], level=kind,
                                         layer=int(layer_idx), threshold=float(layer.threshold)))
     return out

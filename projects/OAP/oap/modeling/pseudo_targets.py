@@ -14,7 +14,7 @@ from typing import Dict, NamedTuple
 
 import torch
 
-from ..pooling.types import PseudoMasks
+from ..pooling.types import PseudoMasks, first_unique_rows
 
 __all__ = ["LevelTargets", "pseudo_mask_targets", "LEVELS"]
 
@@ -29,18 +29,6 @@ class LevelTargets(NamedTuple):
     masks: torch.Tensor
     embeds: torch.Tensor
     layer: torch.Tensor
-
-
-def _first_unique_rows(flat: torch.Tensor) -> torch.Tensor:
-    """Indices of the first occurrence of every distinct row of ``flat`` (T, N), in order."""
-    if flat.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=flat.device)
-    # uint8 rows: unique over rows of bool tensors is not implemented on every device
-    _, inverse = torch.unique(flat.to(torch.uint8), dim=0, return_inverse=True)
-    t = flat.shape[0]
-    first = torch.full((int(inverse.max()) + 1,), t, dtype=torch.long, device=flat.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(t, device=flat.device), reduce="amin")
-    return first.sort().values
 
 
 def pseudo_mask_targets(pseudo: PseudoMasks, max_targets: int = 0) -> Dict[str, LevelTargets]:
@@ -61,7 +49,7 @@ def pseudo_mask_targets(pseudo: PseudoMasks, max_targets: int = 0) -> Dict[str, 
         embeds = torch.cat([lv.features for lv in levels])
         layer = torch.cat([torch.full((len(lv),), i, dtype=torch.long, device=masks.device)
                            for i, lv in enumerate(levels)])
-        keep = _first_unique_rows(masks.flatten(1))
+        keep = first_unique_rows(masks.flatten(1))
         if max_targets and keep.numel() > max_targets:
             areas = masks[keep].flatten(1).sum(1)
             order = torch.argsort(areas, descending=True, stable=True)[:max_targets]

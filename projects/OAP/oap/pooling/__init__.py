@@ -19,10 +19,10 @@ from .features import (
 from .generators import MaskCutGenerator, OAPGenerator, build_generator, generate_pseudo_masks
 from .maskcut import maskcut, normalized_cut
 from .reference import grid_adjacency, oap_reference
-from .types import MaskCutConfig, MaskLevel, OAPConfig, OAPLayer, PseudoMasks
+from .types import MaskCutConfig, MaskLevel, OAPConfig, OAPLayer, PseudoMasks, first_unique_rows
 
 __all__ = [
-    "OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks",
+    "OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows",
     "oap_fast", "oap_reference", "maskcut", "normalized_cut",
     "connected_components", "grid_edges", "grid_adjacency",
     "flatten_normalized", "vit_key_features", "build_vit",

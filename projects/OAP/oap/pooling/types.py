@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks"]
+__all__ = ["OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,19 @@ class MaskCutConfig:
     num_masks: int = 3
     iou_thresh: float = 0.5
     min_area_ratio: float = 0.01
+
+
+def first_unique_rows(flat: torch.Tensor) -> torch.Tensor:
+    """Indices of the first occurrence of every distinct row of ``flat`` (T, N), in order (a mask
+    that later OAP layers repeat, flattened, is kept at its first layer)."""
+    if flat.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    # uint8 rows: unique over rows of bool tensors is not implemented on every device
+    _, inverse = torch.unique(flat.to(torch.uint8), dim=0, return_inverse=True)
+    t = flat.shape[0]
+    first = torch.full((int(inverse.max()) + 1,), t, dtype=torch.long, device=flat.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(t, device=flat.device), reduce="amin")
+    return first.sort().values
 
 
 def _resize_masks(masks: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
@@ -134,6 +147,13 @@ class MaskLevel:
         (interpolated soft masks thresholded at 0.5).
         """
         return _resize_masks(self.masks, size, mode)
+
+    def select(self, index) -> "MaskLevel":
+        """The masks ``index`` (a slice or index tensor) with their per-mask fields; the
+        partition (a property of the layer) is kept as it is."""
+        return MaskLevel(masks=self.masks[index], features=self.features[index], parents=self.parents[index],
+                         nested=self.nested[index], partition=self.partition,
+                         supernode_ids=None if self.supernode_ids is None else self.supernode_ids[index])
 
     def to(self, device) -> "MaskLevel":
         kw = {}
