@@ -243,18 +243,17 @@ class ViTKeySource:
 
 def _vit_state_dict_from_detectron2(obj) -> Optional[dict]:
     """The ViT weights of a detectron2 checkpoint (``{"model": {"backbone.vit.*": ...}}``), with
-    the prefix up to ``vit.`` removed; None if the file is not one."""
+    the prefix up to ``vit.`` removed (:func:`hiseg.modeling.vit.find_vit_prefix`: the online
+    encoder of a MoCo checkpoint, the student of an OAP one); None if the file is not one."""
+    from hiseg.modeling.vit import find_vit_prefix
+
     inner = obj.get("model") if isinstance(obj, Mapping) else None
     if not isinstance(inner, Mapping) or not all(isinstance(k, str) for k in inner):
         return None
-    for k in inner:
-        i = k.find("vit.")
-        if i == 0 or (i > 0 and k[i - 1] == "."):
-            prefix = k[:i + len("vit.")]
-            sd = {kk[len(prefix):]: v for kk, v in inner.items()
-                  if kk.startswith(prefix) and isinstance(v, torch.Tensor)}
-            return sd if "patch_embed.proj.weight" in sd else None
-    return None
+    prefix = find_vit_prefix(inner)
+    if prefix is None or not (prefix == "vit." or prefix.endswith(".vit.")):
+        return None
+    return {k[len(prefix):]: v for k, v in inner.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
 def load_vit(args):

@@ -32,7 +32,7 @@ from hiseg.compat import shape_spec
 __all__ = [
     "vit_kwargs_from_cfg",
     "ChannelLayerNorm", "SimpleFeaturePyramid", "ViTBackbone", "build_vit_backbone",
-    "feature_stride", "make_timm_vit", "vit_small", "vit_base",
+    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "find_vit_prefix",
 ]
 
 
@@ -119,6 +119,17 @@ class SimpleFeaturePyramid(nn.Module):
                 size = tuple(-(-int(s) // self.base_stride) for s in image_size)
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return {name: self.stages[name](x) for name in self.out_features}
+
+
+def find_vit_prefix(state_dict, preferred: Sequence[str] = ("backbone.vit.", "student.backbone.vit.")) -> Optional[str]:
+    """The key prefix under which a state dict holds a timm ViT (``<prefix>patch_embed.proj.weight``):
+    the first of ``preferred`` present, else the shortest found (ties: alphabetical), else None.
+    A MoCo checkpoint also holds ``momentum_backbone.vit.`` and an OAP one ``teacher.backbone.vit.``;
+    the online encoder / the student is the one ``preferred`` picks."""
+    end = "patch_embed.proj.weight"
+    found = sorted({k[: -len(end)] for k in state_dict if isinstance(k, str) and k.endswith(end)},
+                   key=lambda p: (len(p), p))
+    return next((p for p in preferred if p in found), found[0] if found else None)
 
 
 def make_timm_vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
