@@ -1,6 +1,5 @@
-"""Where a result came from: the commit it ran at, the machine, and small JSON helpers that the
-experiment drivers use to keep resumable manifests (every figure in the docs names its command,
-commit, seeds and wall time)."""
+"""Where a result came from: the commit it ran at and the machine, for the experiment drivers'
+resumable manifests (every figure in the docs names its command, commit, seeds and wall time)."""
 import json
 import os
 import platform
@@ -9,7 +8,7 @@ from typing import Any, Optional
 
 from .paths import REPO_ROOT
 
-__all__ = ["git_state", "machine_description", "read_json", "write_json_atomic"]
+__all__ = ["git_state", "machine_description", "read_json"]
 
 
 def git_state(repo_root: Optional[str] = None) -> dict:
@@ -32,15 +31,6 @@ def machine_description() -> str:
 
     cpu = platform.processor() or platform.machine()
     return f"{platform.node() or 'host'}, {os.cpu_count()} logical CPUs, {cpu}, torch {torch.__version__}"
-
-
-def write_json_atomic(path: str, obj: Any) -> str:
-    """Write ``obj`` as indented JSON through a temporary file and a rename; returns ``path``."""
-    from hiseg.data.datasets.common import atomic_write
-
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
-    return path
 
 
 def read_json(path: str):

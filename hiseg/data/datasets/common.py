@@ -178,9 +178,9 @@ def atomic_write(path, mode: str = "wb"):
         raise
 
 
-def atomic_write_json(path, obj) -> None:
+def atomic_write_json(path, obj, indent=None) -> None:
     with atomic_write(path, "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
 
 
 def atomic_save_png(path, array) -> None:

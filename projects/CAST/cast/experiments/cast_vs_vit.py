@@ -56,7 +56,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from hiseg.provenance import git_state as _git_state, machine_description, read_json, write_json_atomic
+from hiseg.data.datasets.common import atomic_write_json
+from hiseg.provenance import git_state, machine_description, read_json
 
 from .budget import (BudgetSpec, CallLimits, point_path, read_run, read_steps, train_for_budget)
 
@@ -153,14 +154,6 @@ def build_cfg(config_file: str, opts: Sequence = (), train_dataset: Optional[str
 
 def run_dir_for(out: str, model: str, seed: int) -> str:
     return os.path.join(out, "runs", f"{model}_s{seed}")
-
-
-def git_state() -> dict:
-    return _git_state(REPO_ROOT)
-
-
-_atomic_json = write_json_atomic
-_read_json = read_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +426,7 @@ def _eval_worker(items: List[dict], settings: dict, threads: int):
             continue
         res = _eval_item(item, inputs, name)
         res.update(settings=settings, item={k: item[k] for k in ("kind", "model", "seed", "k", "checkpoint")})
-        _atomic_json(item["out_json"], res)
+        atomic_write_json(item["out_json"], res, indent=1)
         what = SEEDS_LABEL if item["kind"] == "seeds" else f"{item['model']} s{item['seed']} point {item['k']}"
         m = res["metrics"]
         print(f"[eval] {what}: ODS {m['ODS']:.3f}  Covering {m['Covering_ODS']:.3f}  "
@@ -452,7 +445,7 @@ def _eval_worker_main(items, settings, threads):
 
 
 def _read_eval(path: str, settings: dict):
-    r = _read_json(path)
+    r = read_json(path)
     return r if r is not None and r.get("settings") == settings else None
 
 
@@ -815,8 +808,9 @@ def write_report(args, settings: dict, manifest: dict) -> str:
 
     with atomic_write(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
-    _atomic_json(os.path.join(args.out, "results.json"),
-                 {"manifest": manifest, "eval_settings": settings, "points": list(args.points), "results": res})
+    atomic_write_json(os.path.join(args.out, "results.json"),
+                      {"manifest": manifest, "eval_settings": settings, "points": list(args.points), "results": res},
+                      indent=1)
     return text
 
 
@@ -913,9 +907,9 @@ def main(argv=None, command: Optional[str] = None) -> str:
     command = command or "python tools/experiments/cast_vs_vit.py " + shlex.join(argv)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    inv = {"command": command.strip(), **git_state(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    inv = {"command": command.strip(), **git_state(REPO_ROOT), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     mpath = os.path.join(args.out, "manifest.json")
-    manifest = _read_json(mpath) or {"invocations": []}
+    manifest = read_json(mpath) or {"invocations": []}
     _setup_process(torch.get_num_threads())
     from hiseg.data.datasets.natural_images import natural_image_sources
 
@@ -943,13 +937,13 @@ def main(argv=None, command: Optional[str] = None) -> str:
     if args.train_only:
         inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         manifest["invocations"].append(inv)
-        _atomic_json(mpath, manifest)
+        atomic_write_json(mpath, manifest, indent=1)
         return ""
     settings = eval_settings(args)
     inv["eval_wall_s"] = evaluate_points(args, settings)
     inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     manifest["invocations"].append(inv)
-    _atomic_json(mpath, manifest)
+    atomic_write_json(mpath, manifest, indent=1)
     text = write_report(args, settings, manifest)
     print(text, flush=True)
     print(f"[cast_vs_vit] done in {time.perf_counter() - t_start:.0f} s; report {os.path.join(args.out, 'results.md')}",

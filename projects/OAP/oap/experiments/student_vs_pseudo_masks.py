@@ -40,11 +40,14 @@ import torch
 
 from hiseg.checkpoint_io import read_checkpoint
 from hiseg.errors import CheckpointError, UserError
+from hiseg.modeling.vit import find_vit_prefix
 from hiseg.paths import REPO_ROOT
-from hiseg.provenance import git_state, machine_description, read_json, write_json_atomic
+from hiseg.data.datasets.common import atomic_write_json
+from hiseg.engine.checkpoint import atomic_write
+from hiseg.provenance import git_state, machine_description, read_json
 
 __all__ = [
-    "find_vit_prefix", "oap_init_checkpoint", "branch_backbone_checkpoint", "student_curve",
+    "oap_init_checkpoint", "branch_backbone_checkpoint", "student_curve",
     "agreement_with_pseudo_masks",
     "parse_args", "main",
 ]
@@ -67,21 +70,6 @@ def _state_dict(obj, path: str) -> Mapping[str, torch.Tensor]:
         raise CheckpointError(f"{path}: holds no state dict (expected a detectron2 checkpoint "
                               "{'model': {...}} or a bare state dict)")
     return sd
-
-
-def find_vit_prefix(state_dict: Mapping[str, torch.Tensor],
-                    preferred: Sequence[str] = ("backbone.vit.", "student.backbone.vit.")) -> str:
-    """The prefix under which ``state_dict`` holds a timm ViT (``<prefix>patch_embed.proj.weight``):
-    the first of ``preferred`` present, else the shortest one found (a MoCo checkpoint also holds
-    ``momentum_backbone.vit.``; its online encoder is the one released)."""
-    found = sorted({k[: -len("patch_embed.proj.weight")] for k in state_dict
-                    if k.endswith("patch_embed.proj.weight")}, key=len)
-    for p in preferred:
-        if p in found:
-            return p
-    if not found:
-        raise CheckpointError("holds no ViT (no '*patch_embed.proj.weight' key)")
-    return found[0]
 
 
 def _check_vit_fits(sd: Mapping[str, torch.Tensor], cfg, path: str) -> None:
@@ -118,10 +106,9 @@ def oap_init_checkpoint(src: str, dst: str, cfg) -> Dict[str, str]:
     """
     obj = read_checkpoint(src)
     sd = _state_dict(obj, src)
-    try:
-        prefix = find_vit_prefix(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{src}: {e}") from None
+    prefix = find_vit_prefix(sd)
+    if prefix is None:
+        raise CheckpointError(f"{src}: holds no ViT (no '*patch_embed.proj.weight' key)")
     vit = {k[len(prefix):]: v.detach().clone() for k, v in sd.items()
            if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     _check_vit_fits(vit, cfg, src)
@@ -151,10 +138,8 @@ def branch_backbone_checkpoint(src: str, dst: str, branch: str = "teacher") -> s
 
 
 def _save(state: Mapping[str, torch.Tensor], path: str, note: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"model": dict(state), "matching_heuristics": False, "__author__": f"oap experiment: {note}"}, tmp)
-    os.replace(tmp, path)
+    data = {"model": dict(state), "matching_heuristics": False, "__author__": f"oap experiment: {note}"}
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,9 +264,9 @@ def agreement_with_pseudo_masks(segmenter_results: str, pseudo_results: str, ima
     kept = [r for r in predictions if mask_util.area(_rle_for_api(r["segmentation"])) > 0]
     pseudo_gt = results_to_coco_dataset(load_results(pseudo_results), images)
     metrics = evaluate_results(kept, pseudo_gt, image_ids=[im["id"] for im in images], tasks=("segm",))
-    write_json_atomic(out_json, {"max_dets": 100, "segmenter": segmenter_results, "ground_truth": pseudo_results,
+    atomic_write_json(out_json, {"max_dets": 100, "segmenter": segmenter_results, "ground_truth": pseudo_results,
                                  "predictions": len(predictions), "empty_masks_left_out": len(predictions) - len(kept),
-                                 "metrics": metrics})
+                                 "metrics": metrics}, indent=1)
     return {k: float(metrics["segm"][k]) for k in METRICS}
 
 
@@ -378,9 +363,9 @@ def write_report(args, manifest: dict) -> str:
     text = "\n".join(L) + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
-    write_json_atomic(os.path.join(args.out, "results.json"), {"manifest": manifest, "results": {
+    atomic_write_json(os.path.join(args.out, "results.json"), {"manifest": manifest, "results": {
         "pseudo": {m: {str(i): v for i, v in d.items()} for m, d in res["pseudo"].items()},
-        "student": [[i, v] for i, v in res["student"]]}})
+        "student": [[i, v] for i, v in res["student"]]}}, indent=1)
     caption = (f"{' '.join(invs[-1]['command'].split()[:6])} ... | commit {', '.join(commits)} | seed {args.seed} | "
                f"{n_img} COCO val images | wall {wall / 60:.0f} min")
     plot_curves(res, os.path.join(args.out, "learning_curves.png"), caption)
@@ -501,7 +486,7 @@ def main(argv=None, command: Optional[str] = None) -> str:
     finally:
         inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         manifest["invocations"].append(inv)
-        write_json_atomic(mpath, manifest)
+        atomic_write_json(mpath, manifest, indent=1)
     text = write_report(args, manifest)
     print(text, flush=True)
     return text
