@@ -33,15 +33,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import hiseg.data  # noqa: E402,F401
-from hiseg.cli import Skipped, merge_config, run_cli  # noqa: E402
+from hiseg.cli import Skipped, run_cli  # noqa: E402
 from hiseg.image_io import read_image  # noqa: E402
-from hiseg.setup import add_all_configs  # noqa: E402
 
 
 def prepare_input(model, path, max_size):
@@ -103,35 +101,13 @@ def bsds_available() -> bool:
     return True
 
 
-def final_table(report: str) -> str:
-    """The final-point table of the experiment's report (its heading and rows)."""
-    lines = report.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("## Final point")), None)
-    if start is None:
-        return ""
-    out = [lines[start][3:]]
-    for ln in lines[start + 1:]:
-        if ln.startswith("## "):
-            break
-        if ln.startswith("|") or (out and ln.strip() and not ln.startswith("#")):
-            out.append(ln)
-    return "\n".join(out).strip()
-
-
 def load_final_cast(run_dir: str):
-    """CAST as trained by the experiment (its saved config and its last scored point)."""
-    from cast.experiments.cast_vs_vit import _load_point_model
+    """CAST as the experiment trained it: its saved config and its one scored point."""
+    from cast.experiments.budget import point_path
+    from cast.experiments.cast_vs_vit import _load_point_model, build_cfg
 
-    points = sorted(f for f in os.listdir(run_dir) if f.startswith("point_") and f.endswith(".pth"))
-    if not points:
-        raise FileNotFoundError(f"no trained CAST point in {run_dir}")
-    cfg = get_cfg()
-    add_all_configs(cfg)
-    merge_config(cfg, os.path.join(run_dir, "config.yaml"), [])
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return _load_point_model(cfg, os.path.join(run_dir, points[-1]))
+    return _load_point_model(build_cfg(os.path.join(run_dir, "config.yaml"), ["MODEL.DEVICE", "cpu"]),
+                             point_path(run_dir, 1))
 
 
 def main(argv=None):
@@ -172,14 +148,15 @@ def main(argv=None):
     opts = list(args.opts[1:] if args.opts[:1] == ["--"] else args.opts)
     print(f"[main job] CAST vs ViT, {'quick' if args.quick else f'{args.budget_minutes:g} min'} of training each, "
           f"seed {args.seed}, side by side (cast.experiments.cast_vs_vit; output {exp_out})", flush=True)
-    report = cast_vs_vit.main(exp_argv + (["--", *opts] if opts else []),
+    cast_vs_vit.main(exp_argv + (["--", *opts] if opts else []),
                               command="python tools/main_job.py " + " ".join(sys.argv[1:] if argv is None else
                                                                              [str(a) for a in argv]))
     model = load_final_cast(os.path.join(exp_out, "runs", f"cast_s{args.seed}"))
     skipped = Skipped("image")
     pictures = draw_pictures(model, os.path.join(args.out, "pictures"), args.max_size, args.pictures, skipped)
     if with_bsds:
-        table = final_table(report)
+        with open(os.path.join(exp_out, cast_vs_vit.FINAL_TABLE)) as f:
+            table = f.read().strip()
         with open(os.path.join(args.out, "bsds500_val.md"), "w") as f:
             f.write(table + "\n")
         print("[main job] BSDS500 val, " + table, flush=True)

@@ -79,6 +79,8 @@ METRICS = [("ODS", "ODS", True), ("OIS", "OIS", True), ("AP", "AP", True),
           [(f"RegionF@{k}", f"RegionF@{k}", True) for k in REGION_TARGETS]
 DEFAULT_POINTS = (0.125, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_BUDGET_MIN = 30.0
+#: the final-point table alone, next to results.md
+FINAL_TABLE = "final_point.md"
 EVAL_VERSION = 1
 
 # --quick: a tiny version of both models (the same overrides for both), a few images
@@ -737,17 +739,16 @@ def write_report(args, settings: dict, manifest: dict) -> str:
     L.append("")
 
     n_pts = len(args.points)
-    L.append(f"## Final point ({100 * args.points[-1]:g}% of the budget); mean ± sample s.d. over seeds")
-    L.append("")
-    L.append(head)
-    L.append(sep)
+    final = [f"Final point ({100 * args.points[-1]:g}% of the budget); mean ± sample s.d. over seeds", "", head, sep]
     for model in args.models:
         iters = _point_field(res, model, n_pts, "iteration")
-        L.append(f"| {args.labels[model]} | {_cell(iters, 0)} | "
-                 + " | ".join(_cell(_point_values(res, model, n_pts, k)) for k in keys) + " |")
+        final.append(f"| {args.labels[model]} | {_cell(iters, 0)} | "
+                     + " | ".join(_cell(_point_values(res, model, n_pts, k)) for k in keys) + " |")
     if res["seeds_alone"] is not None:
-        L.append(f"| {SEEDS_LABEL} | – | " + " | ".join(f"{res['seeds_alone'][k]:.3f}" for k in keys) + " |")
-    L.append("")
+        final.append(f"| {SEEDS_LABEL} | – | " + " | ".join(f"{res['seeds_alone'][k]:.3f}" for k in keys) + " |")
+    with open(os.path.join(args.out, FINAL_TABLE), "w") as f:  # the main job prints this one
+        f.write("\n".join(final) + "\n")
+    L += ["## " + final[0], *final[1:], ""]
     L.append("## Every point")
     L.append("")
     L.append("| point | model | iterations | " + " | ".join(n for _, n, _ in METRICS) + " |")
