@@ -18,6 +18,16 @@ def shared_data_dir() -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def repo_relative(path: str) -> str:
+    """``path`` itself if it exists (or is absolute), else the same path under the repository, so
+    that ``configs/...`` names work from any working directory."""
+    path = str(path)
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = REPO_ROOT / path
+    return str(in_repo) if in_repo.exists() else path
+
+
 def datasets_root() -> Path:
     """Detectron2's dataset root (``$DETECTRON2_DATASETS``, default ``./datasets``)."""
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))

@@ -139,15 +139,14 @@ def build_cfg(config_file: str, opts: Sequence = (), train_dataset: Optional[str
     from detectron2.config import get_cfg
 
     from hiseg.cli import merge_config
+    from hiseg.paths import repo_relative
     from hiseg.setup import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)
-    path = str(config_file)
-    if not os.path.isabs(path) and not os.path.isfile(path):
-        path = os.path.join(REPO_ROOT, path)  # the repository's configs from any working directory
     # a missing file, an unknown key or a bad value: one-line ConfigError (hiseg.cli)
-    merge_config(cfg, path, [str(o) if not isinstance(o, (list, tuple)) else str(list(o)) for o in opts])
+    merge_config(cfg, repo_relative(config_file),
+                 [str(o) if not isinstance(o, (list, tuple)) else str(list(o)) for o in opts])
     if train_dataset:
         cfg.DATASETS.TRAIN = (train_dataset,)
     cfg.freeze()

@@ -34,14 +34,14 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from hiseg.checkpoint_io import read_checkpoint
 from hiseg.errors import CheckpointError, UserError
 from hiseg.modeling.vit import find_vit_prefix
-from hiseg.paths import REPO_ROOT
+from hiseg.paths import REPO_ROOT, repo_relative
 from hiseg.data.datasets.common import atomic_write_json
 from hiseg.engine.checkpoint import atomic_write
 from hiseg.provenance import git_state, machine_description, read_json
@@ -186,7 +186,7 @@ def _run(cmd: List[str], log_path: str, threads: int, what: str) -> float:
     with open(log_path, "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
-    if proc.returncode not in (0,):
+    if proc.returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-15:])
         raise ExperimentError(f"{what} failed (exit status {proc.returncode}); last lines of {log_path}:\n{tail}")
@@ -277,11 +277,11 @@ def _cell(v: Optional[float]) -> str:
 
 
 def collect(args) -> dict:
-    pseudo = {}
-    for name in sorted(os.listdir(os.path.join(args.out, "pseudo"))) if os.path.isdir(os.path.join(args.out, "pseudo")) else []:
+    pseudo, pdir = {}, os.path.join(args.out, "pseudo")
+    for name in sorted(os.listdir(pdir) if os.path.isdir(pdir) else []):
         m = re.fullmatch(r"(oap_all|oap|maskcut)_it(\d+)_eval\.json", name)
         if m:
-            pseudo.setdefault(m.group(1), {})[int(m.group(2))] = _pseudo_eval(os.path.join(args.out, "pseudo", name))
+            pseudo.setdefault(m.group(1), {})[int(m.group(2))] = _pseudo_eval(os.path.join(pdir, name))
     return {"pseudo": pseudo, "student": student_curve(os.path.join(args.out, "train", "metrics.json"), args.iters),
             "agreement": _pseudo_eval(os.path.join(args.out, "agreement_eval.json"))}
 
@@ -396,10 +396,7 @@ def parse_args(argv=None):
         args.opts = args.opts[1:]
     if args.iters < 1 or args.points < 1 or args.points > args.iters:
         p.error("--iters must be >= --points >= 1")
-    # the repository's configs also from another working directory (sub-commands run in this one)
-    in_repo = os.path.join(str(REPO_ROOT), args.config_file)
-    args.config_path = args.config_file if os.path.isfile(args.config_file) or not os.path.isfile(in_repo) \
-        else in_repo
+    args.config_path = repo_relative(args.config_file)  # sub-commands run in the caller's directory
     return args
 
 
