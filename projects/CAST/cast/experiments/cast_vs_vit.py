@@ -11,7 +11,7 @@ superpixels alone; and the outputs are written to ``--out``:
 
 * ``results.md``: protocol, commands, commit, seeds, wall times; the final-point table and the
   table per point (mean +- sample standard deviation over seeds); iterations and step times;
-  CAST's pooling diagnostics;
+  CAST's pooling diagnostics; ``final_point.md``: the final-point table alone (the main job prints it);
 * ``learning_curves.png`` (metric vs iteration, one thin line per seed and a thick mean, both
   models, SEEDS as a dashed line), ``loss_curves.png`` (MoCo loss vs iteration and vs training
   time), ``pooling_entropy.png`` (CAST's assignment entropy per level vs iteration);
