@@ -1,0 +1,163 @@
+"""The layering rules of the code base, checked over the import graph of the product code.
+
+Rules (``docs``: README "What this is"; the layout notes in each project's package docstring):
+
+1. the shared core (``hiseg``) imports no project;
+2. a project imports the core, never the other project (``cast`` <-> ``oap``);
+3. library code (every module of the installed packages) never imports, executes (``runpy``,
+   ``importlib.util.spec_from_file_location``, ``exec``) or spawns (``subprocess``, ``os.system``,
+   ``os.exec*``) an entry point (``tools/``), a prepare script (``datasets/``) or an experiment
+   driver, and library code outside an ``experiments`` subpackage never imports one.
+
+Imports are read with :mod:`ast` (those inside functions included), so a lazy import cannot hide
+a dependency. A module that calls an execute/spawn function is a violation when it also names a
+repository script (a string literal with a ``tools`` / ``datasets`` path part or ending in
+``.py``, or ``sys.executable``); ``git`` calls for provenance are not scripts.
+
+``KNOWN_VIOLATIONS`` lists the violations that exist today and are being removed; the test fails
+on any violation not in it, and on an entry that no longer occurs (so the list only shrinks).
+"""
+import ast
+import os
+import re
+from typing import Iterator, Set, Tuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: import name -> folder of the package, relative to the repository root
+PACKAGES = {"hiseg": "hiseg", "cast": "projects/CAST/cast", "oap": "projects/OAP/oap"}
+PROJECTS = ("cast", "oap")
+EXEC_CALLS = {
+    ("subprocess", "run"), ("subprocess", "Popen"), ("subprocess", "call"), ("subprocess", "check_call"),
+    ("subprocess", "check_output"), ("os", "system"), ("os", "execv"), ("os", "execvp"), ("os", "execl"),
+    ("runpy", "run_path"), ("runpy", "run_module"), ("util", "spec_from_file_location"),
+    ("importlib.util", "spec_from_file_location"),
+}
+SCRIPT_LITERAL = re.compile(r"(^|[/\\])(tools|datasets)([/\\]|$)|\.py$")
+
+#: (module, rule, target) triples present today; remove an entry when its violation is fixed.
+KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = {
+    ("hiseg.setup", "core imports a project", "cast"),
+    ("hiseg.setup", "core imports a project", "oap"),
+    ("oap.visualize", "project imports the other project", "cast"),
+    ("oap.evaluation.cluster_evaluators", "library executes or spawns a repository script",
+     "importlib.util.spec_from_file_location"),
+    ("oap.experiments.student_vs_pseudo_masks", "library executes or spawns a repository script",
+     "subprocess.run"),
+}
+
+
+def _modules() -> Iterator[Tuple[str, str]]:
+    for top, folder in PACKAGES.items():
+        root = os.path.join(REPO, folder)
+        for dirpath, _, files in os.walk(root):
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, name), root)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                yield ".".join([top] + rel), os.path.join(dirpath, name)
+
+
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    parts = module.split(".")
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _dotted(expr: ast.AST) -> str:
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Attribute):
+        head = _dotted(expr.value)
+        return f"{head}.{expr.attr}" if head else ""
+    return ""
+
+
+def violations_of(module: str, path: str) -> Set[Tuple[str, str, str]]:
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    is_package = path.endswith("__init__.py")
+    top = module.split(".")[0]
+    in_experiments = ".experiments" in module
+    found: Set[Tuple[str, str, str]] = set()
+    imported: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, is_package, node)
+            imported.add(base)
+            imported.update(f"{base}.{a.name}" for a in node.names)
+    for name in imported:
+        head = name.split(".")[0]
+        if head in ("tools", "datasets"):
+            found.add((module, "library imports a repository script", name))
+        if head in PROJECTS and head != top:
+            rule = "core imports a project" if top == "hiseg" else "project imports the other project"
+            found.add((module, rule, head))
+        if ".experiments" in name and not in_experiments and head in PACKAGES:
+            found.add((module, "library imports an experiment driver", name))
+    names_script = any(
+        isinstance(n, ast.Constant) and isinstance(n.value, str) and SCRIPT_LITERAL.search(n.value)
+        for n in ast.walk(tree)
+    ) or any(_dotted(n) == "sys.executable" for n in ast.walk(tree) if isinstance(n, ast.Attribute))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        dotted = _dotted(node.func)
+        if dotted == "exec":
+            found.add((module, "library executes or spawns a repository script", "exec"))
+            continue
+        tail = tuple(dotted.rsplit(".", 1)) if "." in dotted else ("", dotted)
+        if tail in EXEC_CALLS and names_script:
+            found.add((module, "library executes or spawns a repository script", dotted))
+    return found
+
+
+def all_violations() -> Set[Tuple[str, str, str]]:
+    out: Set[Tuple[str, str, str]] = set()
+    for module, path in _modules():
+        out |= violations_of(module, path)
+    return out
+
+
+def test_layer_rules_hold():
+    found = all_violations()
+    new = sorted(found - KNOWN_VIOLATIONS)
+    assert not new, "layering rules broken (see this file's docstring):\n" + "\n".join(map(str, new))
+
+
+def test_known_violations_list_only_shrinks():
+    stale = sorted(KNOWN_VIOLATIONS - all_violations())
+    assert not stale, "fixed violations still listed in KNOWN_VIOLATIONS; remove them:\n" + "\n".join(
+        map(str, stale))
+
+
+@pytest.mark.parametrize("source, module, expected", [
+    ("import oap\n", "hiseg.x", ("hiseg.x", "core imports a project", "oap")),
+    ("def f():\n    from cast.visualize import draw\n", "oap.v", ("oap.v", "project imports the other project", "cast")),
+    ("import subprocess, sys\nsubprocess.run([sys.executable, 'tools/train_net.py'])\n", "cast.y",
+     ("cast.y", "library executes or spawns a repository script", "subprocess.run")),
+    ("import importlib.util\nimportlib.util.spec_from_file_location('m', 'datasets/prepare_x.py')\n", "hiseg.z",
+     ("hiseg.z", "library executes or spawns a repository script", "importlib.util.spec_from_file_location")),
+    ("from .experiments import budget\n", "cast.moco", ("cast.moco", "library imports an experiment driver",
+                                                      "cast.experiments.budget")),
+])
+def test_checker_catches_each_rule(tmp_path, source, module, expected):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    assert expected in violations_of(module, str(path))
+
+
+def test_checker_allows_git_provenance_and_own_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import subprocess\nfrom hiseg.paths import REPO_ROOT\nfrom . import sibling\n"
+                    "subprocess.run(['git', 'rev-parse', 'HEAD'])\n")
+    assert violations_of("cast.provenance_like", str(path)) == set()
