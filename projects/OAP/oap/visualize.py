@@ -6,7 +6,7 @@
   panoptic segments (Sec. 5.1 inference).
 * :func:`oap_demo_panels`: both, for one RGB image and an ``OAPSegmentor`` (used by tools/demo.py).
 
-Panels are ``(title, HxWx3 uint8)`` pairs for :func:`cast.visualize.save_panel_grid`.
+Panels are ``(title, HxWx3 uint8)`` pairs for :func:`hiseg.visualization.save_panel_grid`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hiseg.visualization import boundary_thickness, draw_boundaries, palette_image
+
 __all__ = ["overlay", "masks_to_labels", "pseudo_mask_panels", "prediction_panels", "oap_demo_panels"]
 
 Panel = Tuple[str, np.ndarray]
@@ -23,14 +25,12 @@ Panel = Tuple[str, np.ndarray]
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The masks of one level (label map, -1 = none) blended over the image, with outlines."""
-    from cast.visualize import draw_boundaries, palette_image
-
     out = image.copy()
     valid = labels >= 0
     if valid.any():
         fill = palette_image(labels)
         out[valid] = np.clip(0.45 * image[valid].astype(np.float32) + 0.55 * fill[valid], 0, 255).astype(np.uint8)
-        out = draw_boundaries(out, labels, (255, 255, 255), 1 if max(image.shape[:2]) <= 400 else 2)
+        out = draw_boundaries(out, labels, (255, 255, 255), boundary_thickness(image.shape))
     return out
 
 
