@@ -44,31 +44,101 @@ def _how(name: str) -> str:
     return "download it as datasets/README.md describes (expected layout there)"
 
 
+def _path_problem(path: str, kind: str) -> str:
+    """What is wrong with ``path`` for a dataset ("" when nothing): absent, not readable, empty
+    (a 0-byte file; a folder with no entry), or a file where a folder is wanted and vice versa.
+    ``kind``: ``"file"``, ``"dir"``, ``"any"`` or ``"images"`` (a folder with an image file in
+    it or in a sub-folder; the walk stops at the first one)."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isdir(path):
+        if kind == "file":
+            return "is a folder, not a file"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "is not readable (permissions)"
+        with os.scandir(path) as it:
+            if next(it, None) is None:
+                return "is an empty folder"
+        if kind == "images":
+            from hiseg.data.datasets.user_data import IMAGE_EXTS
+
+            for _, _, files in os.walk(path, followlinks=True):
+                if any(f.lower().endswith(IMAGE_EXTS) for f in files):
+                    return ""
+            return f"holds no image file ({', '.join(IMAGE_EXTS)}), in sub-folders neither"
+        return ""
+    if kind in ("dir", "images"):
+        return "is a file, not a folder"
+    if not os.access(path, os.R_OK):
+        return "is not readable (permissions)"
+    if os.path.getsize(path) == 0:
+        return "is an empty file (0 bytes)"
+    return ""
+
+
+def _required(name: str):
+    """``(path, kind, what)`` a dataset needs: for a name of ``hiseg.data.datasets.user_data``'s
+    forms its files, else the path fields of its metadata (``json_file``, ``image_root``, ...)."""
+    from detectron2.data import MetadataCatalog
+
+    from hiseg.data.datasets.user_data import parse_user_dataset, required_paths
+
+    if parse_user_dataset(name) is not None:
+        return required_paths(name)
+    meta = MetadataCatalog.get(name)
+    out = []
+    for field in _PATH_FIELDS:
+        path = meta.get(field, None)
+        if isinstance(path, str) and path:
+            out.append((path, "any", field))
+    return out
+
+
 def check_datasets(names: Iterable[str], where: str = "DATASETS") -> None:
-    """Raise a one-line error for the first dataset of ``names`` that is not registered, or is
-    a detectron2 built-in whose files are absent (nothing is loaded)."""
+    """Raise a one-line error for the first dataset of ``names`` that is not registered, or whose
+    files (annotation files, image folders) are absent, unreadable or empty, so that a run stops
+    before its first step rather than when it reaches the dataset (a test set: after training).
+
+    Names of the forms ``folder:<dir>``, ``coco:<json>[:<image_root>]`` and
+    ``cls_agnostic:<json>[:<image_root>]`` are registered on the way
+    (:mod:`hiseg.data.datasets.user_data`). Nothing is loaded, except that a dataset of
+    :mod:`hiseg.data` whose files look wrong is loaded once so that its loader's own message (with
+    the prepare script to run) is the one reported; if it loads after all, it passes."""
     import hiseg.data  # noqa: F401  (registers the project's datasets)
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog
 
     from hiseg.data.datasets.common import registered_names
+    from hiseg.data.datasets.user_data import parse_user_dataset, register_user_datasets
 
+    names = list(names)
+    register_user_datasets(names)
     known = DatasetCatalog.list()
     ours = set(registered_names())
     for name in names:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = (f"nearest registered names: {', '.join(near)}" if near
-                    else "datasets/README.md lists the registered names")
+                    else "datasets/README.md lists the registered names; for your own files use "
+                         "folder:<dir>, coco:<json>[:<image_root>] or cls_agnostic:<json>[:<image_root>]")
             raise ConfigError(f"{where}: dataset '{name}' is not registered; {hint}")
-        if name in ours:
-            continue  # its loader names the missing file and the prepare script itself
-        meta = MetadataCatalog.get(name)
-        for field in _PATH_FIELDS:
-            path = meta.get(field, None)
-            if isinstance(path, str) and path and not os.path.exists(path):
-                raise DatasetNotFoundError(
-                    f"Dataset '{name}': expected {path} ({field}), which does not exist; {_how(name)}; "
-                    f"datasets root DETECTRON2_DATASETS={_datasets_root()}")
+        for path, kind, what in _required(name):
+            problem = _path_problem(path, kind)
+            if not problem:
+                continue
+            if name in ours and parse_user_dataset(name) is None:
+                try:
+                    DatasetCatalog.get(name)  # its loader names the file and the prepare script
+                except (FileNotFoundError, InputError):
+                    raise
+                break  # it loads: the metadata path was not needed
+            fix = ("check the path"
+                   if parse_user_dataset(name) is not None or name in ours else _how(name))
+            root = ("the working directory is " + os.getcwd() if parse_user_dataset(name) is not None
+                    else f"datasets root DETECTRON2_DATASETS={_datasets_root()}")
+            if problem == "does not exist":
+                raise DatasetNotFoundError(f"Dataset '{name}': expected {path} ({what}), which does not exist; "
+                                           f"{fix}; {root}")
+            raise EmptyDatasetError(f"Dataset '{name}': {path} ({what}) {problem}; {fix}; {root}")
 
 
 def _files_of(name: str) -> str:

@@ -8,6 +8,7 @@
         [--config-file FILE [--feature res5|keys] [--opts KEY VALUE ...]]
         [--features vit|efficientnet-lite0 [--effnet-layers block10 head ...]]
         [--levels instance semantic:-1 all:0-2] [--score coherence|one] [--unique] [--upsample bilinear|nearest]
+        [--max-area-fraction F] [--max-per-image N]
         [--output results.json] [--annotations-out pseudo_train.json]
         [--vis-dir DIR] [--max-vis N] [--evaluate] [--gt NAME_OR_JSON] [--max-dets 100]
 
@@ -35,7 +36,9 @@ layer index; MaskCut: 0) and ``threshold`` (that layer's tau; MaskCut: its affin
 tokens' L2-normalised features (= their mean cosine to the mask's mean direction, in [0, 1]);
 ``--score one`` gives 1.0 to every mask, as CutLER does. ``--unique`` writes a mask that a later
 OAP layer repeats (a supernode that did not merge) once, at its first layer, as the training
-targets keep it. ``--annotations-out`` also writes a full
+targets keep it. ``--max-area-fraction`` drops masks covering more of their image than that, and
+``--max-per-image`` keeps the highest-scored N of an image (``oap.pseudo_label_io.filter_results``;
+defaults measured in docs/your_data.md). ``--annotations-out`` also writes a full
 COCO annotation file of the masks (images, one ``fg`` category, ``id`` / ``area`` / ``iscrowd``).
 
 ``--evaluate``: class-agnostic COCO AP / AP50 / AR of the written masks (segm and bbox) with
@@ -475,7 +478,7 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
 
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    from oap.pseudo_label_io import SCORES
+    from oap.pseudo_label_io import DEFAULT_MAX_AREA_FRACTION, DEFAULT_MAX_PER_IMAGE, SCORES
 
     ap = argparse.ArgumentParser(
         description="OAP / MaskCut pseudo-masks as COCO-format results (tools/generate_pseudo_masks.py)",
@@ -535,6 +538,11 @@ def parse_args(argv=None):
     o.add_argument("--unique", action="store_true",
                    help="write a mask repeated by a later layer (a supernode that did not merge) once, at its "
                         "first layer, as the training targets keep it (oap/modeling/pseudo_targets.py)")
+    o.add_argument("--max-area-fraction", type=float, default=DEFAULT_MAX_AREA_FRACTION, metavar="F",
+                   help="drop masks covering more than this fraction of their image (1: keep all); default "
+                        "chosen by measurement, docs/your_data.md")
+    o.add_argument("--max-per-image", type=int, default=DEFAULT_MAX_PER_IMAGE, metavar="N",
+                   help="keep at most N masks per image, highest score first (0: all)")
     o.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
                    help="feature grid -> original image size")
     o.add_argument("--output", default=None, help="results JSON (default output/pseudo_masks/<name>_<method>.json)")
@@ -555,6 +563,8 @@ def parse_args(argv=None):
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_vis < 0:
         ap.error("--max-vis must be >= 0")
+    if not 0 < args.max_area_fraction <= 1 or args.max_per_image < 0:
+        ap.error("--max-area-fraction must be in (0, 1] and --max-per-image >= 0")
     return args
 
 
@@ -595,7 +605,7 @@ def run(args) -> int:
 
     from oap.pooling import flatten_normalized
     from oap.pseudo_label_io import (
-        evaluate_results, format_metrics, parse_level_specs, pseudo_masks_to_results, resolve_levels,
+        evaluate_results, filter_results, format_metrics, parse_level_specs, pseudo_masks_to_results, resolve_levels,
         results_to_coco_dataset, atomic_write_json, write_results,
     )
 
@@ -647,6 +657,7 @@ def run(args) -> int:
             res = pseudo_masks_to_results(pseudo[j], item.image_id, out_size, levels,
                                           None if tokens is None else tokens[j], args.score, args.upsample,
                                           unique=args.unique)
+            res = filter_results(res, args.max_area_fraction, args.max_per_image)
             results.extend(res)
             for r in res:
                 counts[(r["level"], r["layer"])] += 1

@@ -10,6 +10,7 @@
 """
 import logging
 import os
+import re
 import weakref
 from datetime import timedelta
 from typing import Callable, Dict, List
@@ -39,7 +40,9 @@ MAPPER_REGISTRY.__doc__ = "Dataset mappers selectable with INPUT.DATASET_MAPPER_
 
 
 def _coco(cfg, name, out):
-    return [COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs())]
+    from ..evaluation.no_predictions import ExplainNoPredictions  # "AP nan": says why
+
+    return [ExplainNoPredictions(COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs()), name, cfg)]
 
 
 def _panoptic(cfg, name, out):
@@ -137,7 +140,8 @@ def evaluator_types(cfg, dataset_name: str) -> List[str]:
 
 
 def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
-    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    # a name such as "coco:ann.json:images" (hiseg.data.datasets.user_data) as one folder name
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", re.sub(r"[^\w.-]+", "_", dataset_name))
     types = evaluator_types(cfg, dataset_name)
     evaluators = []
     for t in types:
@@ -234,6 +238,15 @@ class HisegTrainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if not self._D2_SAVES_INNER_TRAINER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, with the box predictors' scores watched so that an evaluation
+        without predictions says why (:mod:`hiseg.evaluation.no_predictions`)."""
+        from ..evaluation.no_predictions import ScoreProbe
+
+        with ScoreProbe(model):
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -61,6 +61,15 @@ def metadata(json_file: str, image_root: str) -> dict:
     }
 
 
+def class_agnostic_coco(coco: dict) -> dict:
+    """A copy of a COCO instances dict with every category collapsed into ``fg`` (id 1); images
+    and annotations (``iscrowd``, ``area``, ...) otherwise unchanged."""
+    out = {k: v for k, v in coco.items() if k not in ("annotations", "categories")}
+    out["categories"] = [dict(FG_CATEGORY)]
+    out["annotations"] = [dict(a, category_id=FG_CATEGORY["id"]) for a in coco.get("annotations", [])]
+    return out
+
+
 def load_cls_agnostic(name: str, json_file: str, image_root: str):
     """COCO-format dicts with every instance labelled class 0 (``"fg"``)."""
     require_file(name, json_file, _HOW.get(name, SCRIPT), "class-agnostic annotations")

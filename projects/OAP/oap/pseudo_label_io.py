@@ -10,6 +10,8 @@ Written for ``tools/generate_pseudo_masks.py`` and usable on its own:
   (``instance``, ``semantic:-1``, ``all:0-2``).
 * :func:`coherence_scores`: the score given to a mask (see the function).
 * :func:`pseudo_masks_to_results`: one :class:`~oap.pooling.PseudoMasks` -> result entries.
+* :func:`filter_results`: the export filters (masks covering most of the image, a maximum per
+  image);
 * :func:`validate_results`, :func:`write_results` (atomic), :func:`load_results`,
   :func:`results_to_coco_dataset` (a full annotation file to train on, as CutLER's
   ``imagenet_train_fixsize480_tau0.15_N3.json``).
@@ -30,12 +32,16 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+# the single class of class-agnostic sets (CutLER's: id 1, ``fg``) and the collapse into it
+from hiseg.data.datasets.cls_agnostic import FG_CATEGORY, class_agnostic_coco  # noqa: F401  (re-exported)
+
 from .pooling.types import first_unique_rows
 
 __all__ = [
     "KINDS", "SCORES", "FG_CATEGORY",
     "encode_mask", "decode_segmentation", "bbox_from_mask", "mask_to_result", "masks_to_results",
     "parse_level_specs", "resolve_levels", "coherence_scores", "pseudo_masks_to_results",
+    "DEFAULT_MAX_AREA_FRACTION", "DEFAULT_MAX_PER_IMAGE", "mask_area_fraction", "filter_results",
     "validate_results", "write_results", "load_results", "results_to_coco_dataset",
     "atomic_write_json", "class_agnostic_coco", "load_ground_truth",
     "evaluate_results", "format_metrics",
@@ -45,8 +51,6 @@ __all__ = [
 KINDS = ("instance", "semantic")
 #: how a mask is scored (see :func:`coherence_scores`)
 SCORES = ("coherence", "one")
-#: the single class of class-agnostic sets (CutLER's: id 1, ``fg``)
-FG_CATEGORY = {"id": 1, "name": "fg", "supercategory": "fg"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +294,49 @@ def pseudo_masks_to_results(
 
 
 # ---------------------------------------------------------------------------------------------
+# export filters
+#: defaults of :func:`filter_results` and of ``tools/generate_pseudo_masks.py``, chosen by the
+#: class-agnostic AP of the exported masks on COCO val (docs/your_data.md, "Export defaults")
+DEFAULT_MAX_AREA_FRACTION = 0.9
+DEFAULT_MAX_PER_IMAGE = 100
+
+
+def mask_area_fraction(result: Mapping) -> float:
+    """The fraction of its image that a result's mask covers (the RLE's size is the image's)."""
+    rle = _rle_for_api(result["segmentation"])
+    h, w = rle["size"]
+    return float(mask_util.area(rle)) / max(1, int(h) * int(w))
+
+
+def filter_results(results: Sequence[Mapping], max_area_fraction: Optional[float] = DEFAULT_MAX_AREA_FRACTION,
+                   max_per_image: Optional[int] = DEFAULT_MAX_PER_IMAGE) -> List[dict]:
+    """The results a user exports to train on, in their original order:
+
+    * ``max_area_fraction``: masks covering more than this fraction of their image are dropped
+      (a mask of nearly the whole image is background or "everything", not an object, and a
+      detector trained on it learns to box the whole image); None or 1 keeps all;
+    * ``max_per_image``: at most this many masks per image, the highest ``score`` first (ties:
+      the earlier mask); None or 0 keeps all.
+    """
+    if max_area_fraction is not None and not 0 < max_area_fraction <= 1:
+        raise ValueError(f"max_area_fraction must be in (0, 1], got {max_area_fraction}")
+    if max_per_image is not None and max_per_image < 0:
+        raise ValueError(f"max_per_image must be >= 0, got {max_per_image}")
+    keep = list(range(len(results)))
+    if max_area_fraction is not None and max_area_fraction < 1:
+        keep = [i for i in keep if mask_area_fraction(results[i]) <= max_area_fraction]
+    if max_per_image:
+        by_image: Dict = {}
+        for i in keep:
+            by_image.setdefault(results[i]["image_id"], []).append(i)
+        chosen = set()
+        for idx in by_image.values():
+            chosen.update(sorted(idx, key=lambda i: (-float(results[i]["score"]), i))[:max_per_image])
+        keep = [i for i in keep if i in chosen]
+    return [dict(results[i]) for i in keep]
+
+
+# ---------------------------------------------------------------------------------------------
 # files
 def validate_results(results: Sequence[Mapping], image_sizes: Optional[Mapping] = None) -> None:
     """Check COCO result entries: required fields and types, a decodable RLE, the ``bbox`` of the
@@ -373,15 +420,6 @@ def results_to_coco_dataset(results: Sequence[Mapping], images: Sequence[Mapping
 
 # ---------------------------------------------------------------------------------------------
 # class-agnostic evaluation
-def class_agnostic_coco(coco: Mapping) -> dict:
-    """A copy of a COCO instances dict with every category collapsed into ``fg`` (id 1); images,
-    annotations (``iscrowd``, ``area``, ...) otherwise unchanged."""
-    out = {k: v for k, v in coco.items() if k not in ("annotations", "categories")}
-    out["categories"] = [dict(FG_CATEGORY)]
-    out["annotations"] = [dict(a, category_id=FG_CATEGORY["id"]) for a in coco.get("annotations", [])]
-    return out
-
-
 def load_ground_truth(gt) -> Tuple[dict, str]:
     """(COCO dict, description) of a GT: a COCO dict, a JSON path or a registered dataset."""
     if isinstance(gt, Mapping):
