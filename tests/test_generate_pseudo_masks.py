@@ -335,7 +335,9 @@ def test_detectron2_backbone_feature(tool, coco_val, tmp_path):
                    "    RES2_OUT_CHANNELS: 64\n    OUT_FEATURES: [res4]\n")
     image = sorted(image_dir.glob("*.jpg"))[0]
     out = tmp_path / "r18.json"
-    common = ["--images", image, "--config-file", cfg, "--input-size", 224, "--threads", 1, "--no-progress"]
+    # a random ResNet's masks cover the whole image: keep them (--max-area-fraction 1)
+    common = ["--images", image, "--config-file", cfg, "--input-size", 224, "--threads", 1, "--no-progress",
+              "--max-area-fraction", 1]
     rc, so, se = run_tool(tool, [*common, "--feature", "res4", "--output", out])
     assert rc == 0, se
     assert "ResNet 'res4'" in so and "RANDOMLY INITIALISED" in se

@@ -1,7 +1,7 @@
 """tools/train_net.py end to end on CPU: train, get killed, resume exactly, evaluate.
 
-Uses the real COCO val sample through detectron2's built-in ``coco_2017_val`` (a
-DETECTRON2_DATASETS folder with 4 of the images linked in) and Mask R-CNN on a tiny CAST + FPN.
+Uses the real COCO sample through detectron2's built-ins ``coco_2017_train`` / ``coco_2017_val``
+(a DETECTRON2_DATASETS folder with 4 images of each linked in) and Mask R-CNN on a tiny CAST + FPN.
 """
 import json
 import os
@@ -23,13 +23,14 @@ SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT
 @pytest.fixture(scope="module")
 def coco4(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("d2data")
-    src = json.loads((shared_data / "coco" / "annotations" / "instances_val2017.json").read_text())
-    images = src["images"][:4]
-    ids = {im["id"] for im in images}
-    sub = dict(src, images=images, annotations=[a for a in src["annotations"] if a["image_id"] in ids])
     (root / "coco" / "annotations").mkdir(parents=True)
-    (root / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(sub))
-    os.symlink(shared_data / "coco" / "val2017", root / "coco" / "val2017")
+    for split in ("train2017", "val2017"):  # the quick config trains on train, tests on val
+        src = json.loads((shared_data / "coco" / "annotations" / f"instances_{split}.json").read_text())
+        images = src["images"][:4]
+        ids = {im["id"] for im in images}
+        sub = dict(src, images=images, annotations=[a for a in src["annotations"] if a["image_id"] in ids])
+        (root / "coco" / "annotations" / f"instances_{split}.json").write_text(json.dumps(sub))
+        os.symlink(shared_data / "coco" / split, root / "coco" / split)
     return root
 
 
