@@ -3,7 +3,6 @@ checked before the first step, an evaluation without predictions that says why, 
 folder -> pseudo-masks -> pictures -> self-training -> evaluation on a few real images.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hiseg.cli import run_cli
+from test_bad_inputs import _error_line, _run, _tool  # run_cli in-process, the one error line
 
 REPO = Path(__file__).resolve().parents[1]
 MOCO_QUICK = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
@@ -23,27 +22,6 @@ RCNN_QUICK = "configs/CAST/quick/mask_rcnn_cast_tiny_coco_sample_cpu.yaml"
 CLS_AGNOSTIC_QUICK = "configs/CAST/quick/mask_rcnn_cast_tiny_cls_agnostic_cpu.yaml"
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
          "INPUT.MAX_SIZE_TEST", "128"]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_your_data_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run(main, argv):
-    """(exit status, stdout, stderr) of ``run_cli(main, argv)``."""
-    so, se = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
-        rc = run_cli(main, [str(a) for a in argv])
-    return rc, so.getvalue(), se.getvalue()
-
-
-def _error_line(err):
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
 
 
 @pytest.fixture

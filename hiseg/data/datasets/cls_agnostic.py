@@ -74,6 +74,12 @@ def load_cls_agnostic(name: str, json_file: str, image_root: str):
     """COCO-format dicts with every instance labelled class 0 (``"fg"``)."""
     require_file(name, json_file, _HOW.get(name, SCRIPT), "class-agnostic annotations")
     require_dir(name, image_root, None, "image folder")
+    return load_as_one_class(json_file, image_root)
+
+
+def load_as_one_class(json_file: str, image_root: str):
+    """``load_coco_json`` dicts with every instance's ``category_id`` set to 0, whatever the
+    file's categories."""
     # dataset_name=None: load_coco_json neither remaps ids nor writes metadata (ours is fixed).
     dicts = load_coco_json(json_file, image_root, dataset_name=None)
     for record in dicts:

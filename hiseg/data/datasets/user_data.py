@@ -40,7 +40,7 @@ from typing import Iterable, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .cls_agnostic import FG_CATEGORY, class_agnostic_coco
+from .cls_agnostic import FG_CATEGORY, class_agnostic_coco, load_as_one_class
 from .common import atomic_write_json, missing, register_lazy
 
 __all__ = ["KINDS", "IMAGE_EXTS", "parse_user_dataset", "register_user_datasets", "load_image_folder",
@@ -126,22 +126,18 @@ def _read_coco(name: str, json_file: str) -> dict:
 def load_user_coco(name: str, json_file: str, image_root: str, class_agnostic: bool) -> List[dict]:
     """Detectron2 dicts of a COCO-format file. ``class_agnostic``: every instance is class 0,
     and a one-category copy of the file is written for the evaluator when it has several."""
-    from detectron2.data.datasets import load_coco_json
-
     if image_root and not os.path.isdir(image_root):
         raise missing(name, image_root, None, "image folder")
     if not class_agnostic:
+        from detectron2.data.datasets import load_coco_json
+
         # dataset_name=name: detectron2 maps the ids and records thing_classes in the metadata
         return load_coco_json(json_file, image_root, dataset_name=name)
     coco = _read_coco(name, json_file)
     target = MetadataCatalog.get(name).json_file
     if target != json_file:  # several categories: evaluate against the collapsed copy
         atomic_write_json(target, class_agnostic_coco(coco))
-    dicts = load_coco_json(json_file, image_root, dataset_name=None)
-    for record in dicts:
-        for obj in record.get("annotations", []):
-            obj["category_id"] = 0
-    return dicts
+    return load_as_one_class(json_file, image_root)
 
 
 def _register(name: str, overwrite: bool = False) -> bool:
