@@ -23,7 +23,7 @@ for _p in (REPO, os.path.join(REPO, "projects", "OAP")):
 
 def main(argv=None):
     from oap.pseudo_label_io import (evaluate_results, filter_results, load_ground_truth, load_results,
-                                     parse_level_specs, resolve_levels)
+                                     mask_area_fraction, parse_level_specs, resolve_levels)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="unfiltered results JSON of generate_pseudo_masks.py --levels all")
@@ -39,14 +39,11 @@ def main(argv=None):
 
     results = load_results(args.results)
     coco, _ = load_ground_truth(args.gt)
-    ids = sorted({r["image_id"] for r in results} | set())
-    gt_ids = {im["id"] for im in coco["images"]}
-    ids = [i for i in ids if i in gt_ids]
+    # every GT image the run covered (an image without any mask left still counts its misses)
+    ids = sorted({r["image_id"] for r in results} & {im["id"] for im in coco["images"]})
     print(f"{len(results)} masks of {len(ids)} images; GT {args.gt}")
     print("| levels | max area | max/img | masks/img | >90% of image | segm AP | AP50 | AR100 | bbox AP | AP50 | AR100 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    from oap.pseudo_label_io import mask_area_fraction
-
     for spec in args.levels:
         want = set(resolve_levels(parse_level_specs(spec), args.num_layers))
         chosen = [r for r in results if (r["level"], r["layer"]) in want]
