@@ -24,6 +24,9 @@ def add_vit_config(cfg):
     v.NO_EMBED_CLASS = False  # True: the position embedding has no class-token entry (DeiT-3)
     v.LAYER_SCALE = 0.0  # > 0: LayerScale with this init value (timm ``init_values``)
     v.FINAL_NORM = True  # apply the final LayerNorm before the pyramid
+    # recompute each block's activations in the backward pass instead of storing them (less GPU
+    # memory, ~30% more step time; same loss and gradients). Also the ViT inside OAP's ViT-Adapter.
+    v.ACTIVATION_CHECKPOINTING = False
     v.FROZEN = False  # freeze the ViT (patch embedding, tokens, blocks, norm); the pyramid trains
     # simple feature pyramid (ViTDet): any of p2..p6 / res2..res5 (strides 4..64)
     v.OUT_FEATURES = ["p2", "p3", "p4", "p5"]

@@ -14,6 +14,10 @@
   the nearest power-of-two stride.
 * :meth:`ViTBackbone.key_features` returns the last block's attention keys (hooked on
   ``blocks[-1].attn.qkv``), the features MaskCut and OAP build their affinity graphs from.
+* ``activation_checkpointing=True`` (``MODEL.VIT.ACTIVATION_CHECKPOINTING``) recomputes each
+  block's activations in the backward pass instead of keeping them (timm's
+  ``set_grad_checkpointing`` flag, honoured by :meth:`ViTBackbone.forward_tokens`; see
+  :mod:`hiseg.modeling.checkpointing`).
 """
 import math
 from functools import partial
@@ -29,10 +33,12 @@ from torch import nn
 
 from hiseg.compat import shape_spec
 
+from .checkpointing import maybe_checkpoint
+
 __all__ = [
     "vit_kwargs_from_cfg",
     "ChannelLayerNorm", "SimpleFeaturePyramid", "ViTBackbone", "build_vit_backbone",
-    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "find_vit_prefix",
+    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "find_vit_prefix", "run_vit_blocks",
 ]
 
 
@@ -172,6 +178,7 @@ class ViTBackbone(Backbone):
         norm: str = "LN",
         frozen: bool = False,
         in_chans: int = 3,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         img_size = (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
@@ -186,6 +193,7 @@ class ViTBackbone(Backbone):
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, img_size=img_size,
             class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
             layer_scale=layer_scale, in_chans=in_chans)
+        self.vit.set_grad_checkpointing(bool(activation_checkpointing))
         self.embed_dim = embed_dim
         self.pyramid = SimpleFeaturePyramid(embed_dim, self.patch_size, out_features, out_channels, norm)
         self._out_features = list(out_features)
@@ -219,7 +227,7 @@ class ViTBackbone(Backbone):
         t = vit._pos_embed(t)
         t = vit.patch_drop(t)
         t = vit.norm_pre(t)
-        t = vit.blocks(t)
+        t = run_vit_blocks(vit.blocks, t, vit.grad_checkpointing)
         if self.final_norm:
             t = vit.norm(t)
         p = vit.num_prefix_tokens
@@ -256,6 +264,14 @@ class ViTBackbone(Backbone):
         return (k, (h, w)) if return_grid else k
 
 
+def run_vit_blocks(blocks, tokens: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``tokens`` through the timm blocks in order, each through ``torch.utils.checkpoint`` when
+    ``checkpointed`` and gradients are recorded (``hiseg.modeling.checkpointing``)."""
+    for blk in blocks:
+        tokens = maybe_checkpoint(blk, tokens, enabled=checkpointed)
+    return tokens
+
+
 def _preset(embed_dim, num_heads, depth=12, **kwargs) -> ViTBackbone:
     kwargs.setdefault("patch_size", 16)
     return ViTBackbone(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
@@ -283,7 +299,8 @@ def vit_kwargs_from_cfg(cfg, input_shape=None) -> dict:
         mlp_ratio=v.MLP_RATIO, drop_path_rate=v.DROP_PATH_RATE,
         img_size=v.IMG_SIZE if isinstance(v.IMG_SIZE, int) else tuple(v.IMG_SIZE),
         class_token=v.CLASS_TOKEN, reg_tokens=v.REG_TOKENS, no_embed_class=v.NO_EMBED_CLASS,
-        layer_scale=v.LAYER_SCALE or None, final_norm=v.FINAL_NORM, frozen=v.FROZEN, in_chans=in_chans)
+        layer_scale=v.LAYER_SCALE or None, final_norm=v.FINAL_NORM, frozen=v.FROZEN, in_chans=in_chans,
+        activation_checkpointing=v.ACTIVATION_CHECKPOINTING)
 
 
 @BACKBONE_REGISTRY.register()

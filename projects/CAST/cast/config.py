@@ -36,6 +36,9 @@ def add_cast_config(cfg):
     c.POS_GRID = [28, 28]  # grid of the position table (224 / 8): learned, or sin-cos stretched (POS_RESIZE)
     c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row
     c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # recompute each ViT block's activations in the backward pass instead of storing them (less
+    # GPU memory, ~30% more step time; same loss and gradients): hiseg.modeling.checkpointing
+    c.ACTIVATION_CHECKPOINTING = False
     c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1
     # True when only the dense outputs res2..res5 feed a loss (a detectron2 head on
     # build_cast_backbone): freezes what they never read (class-token norm, last graph pooling)

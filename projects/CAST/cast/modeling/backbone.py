@@ -41,7 +41,7 @@ def encoder_from_cfg(cfg) -> CASTEncoder:
         mlp_ratio=c.MLP_RATIO, drop_path_rate=c.DROP_PATH_RATE, pool_dropout=c.POOL_DROPOUT,
         kappa=c.KAPPA, pooling=c.POOLING, token_pool_mode=c.TOKEN_POOL_MODE, pos_embed=c.POS_EMBED,
         pos_grid=c.POS_GRID, pos_row_first=c.POS_ROW_FIRST, empty_tokens=c.EMPTY_TOKENS,
-        pos_resize=c.POS_RESIZE)
+        pos_resize=c.POS_RESIZE, activation_checkpointing=c.ACTIVATION_CHECKPOINTING)
 
 
 class CASTBackbone(Backbone):

@@ -15,6 +15,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hiseg.modeling.checkpointing import maybe_checkpoint
+
 from .graph_pool import GraphPool, key_padding_bias
 from .segment_ops import count_segments, grid_to_segment_matrix, image_extents
 from .stem import ConvStem, sincos_position_embedding
@@ -86,6 +88,7 @@ class CASTEncoder(nn.Module):
         pos_row_first: bool = True,
         empty_tokens: str = "attend",
         pos_resize: str = "stretch",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if pos_resize not in POS_RESIZE_MODES:
@@ -107,6 +110,11 @@ class CASTEncoder(nn.Module):
         self.empty_tokens = empty_tokens
         self.pos_resize = pos_resize
         self.pos_grid = tuple(int(v) for v in pos_grid)
+        # MODEL.CAST.ACTIVATION_CHECKPOINTING: each ViT block's activations are recomputed in the
+        # backward pass (hiseg.modeling.checkpointing). The blocks hold nearly all of the encoder's
+        # activations; the conv stem is left alone (its BatchNorm would update its running
+        # statistics twice if recomputed) and so are the graph poolings (a small share).
+        self.activation_checkpointing = bool(activation_checkpointing)
 
         self.stem = ConvStem(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -199,7 +207,7 @@ class CASTEncoder(nn.Module):
         if not bool(members.all()):
             mask = key_padding_bias(torch.cat([members.new_ones(members.shape[0], 1), members], 1), x.dtype)
         for blk in blocks:
-            x = blk(x, attn_mask=mask)
+            x = maybe_checkpoint(blk, x, attn_mask=mask, enabled=self.activation_checkpointing)
         return x[:, :1], x[:, 1:]
 
     def forward(self, images: torch.Tensor, superpixels: torch.Tensor,

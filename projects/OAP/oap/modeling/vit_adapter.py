@@ -43,6 +43,12 @@ initialisation, so gradients flow once the zeros move: at the first step the zer
 second step, the injectors' attention once gamma is non-zero. With ``zero_init=False`` the
 initialisation is ViT-Adapter's (gamma = ``init_values``, normal level embedding).
 
+**Activation checkpointing** (``MODEL.VIT.ACTIVATION_CHECKPOINTING``, the key of the ViT it
+wraps): every ViT block, injector and extractor is recomputed in the backward pass instead of
+keeping its activations (ViT-Adapter's ``with_cp`` covers the same modules;
+:mod:`hiseg.modeling.checkpointing`). The spatial prior module (GroupNorm by default, but any
+detectron2 norm may be configured, BatchNorm included) and the output norms are not recomputed.
+
 Parameters: the ViT under ``vit.*`` with timm (= DINO) names, exactly as in
 :class:`hiseg.modeling.ViTBackbone`, so the same checkpoints load; the adapter under ``spm``,
 ``level_embed``, ``interactions``, ``up`` and ``out_norms``.
@@ -58,6 +64,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from hiseg.compat import shape_spec
+from hiseg.modeling.checkpointing import maybe_checkpoint
 from hiseg.modeling.vit import ChannelLayerNorm, make_timm_vit, vit_kwargs_from_cfg
 
 from .ms_deform_attn import MSDeformAttn, level_start_index, spatial_shapes_tensor
@@ -258,15 +265,19 @@ class InteractionBlock(nn.Module):
         return [self.extractor, *self.extra_extractors]
 
     def forward(self, tokens: torch.Tensor, c: torch.Tensor, blocks: Sequence[nn.Module], num_prefix: int,
-                geometry: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+                geometry: dict, checkpointed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``checkpointed``: run the injector, each ViT block and each extractor through
+        ``torch.utils.checkpoint`` (when gradients are recorded)."""
         prefix, x = tokens[:, :num_prefix], tokens[:, num_prefix:]
-        x = self.injector(x, geometry["inj_ref"], c, geometry["c_shapes"], geometry["c_start"])
+        x = maybe_checkpoint(self.injector, x, geometry["inj_ref"], c, geometry["c_shapes"], geometry["c_start"],
+                             enabled=checkpointed)
         tokens = torch.cat([prefix, x], 1) if num_prefix else x
         for blk in blocks:
-            tokens = blk(tokens)
+            tokens = maybe_checkpoint(blk, tokens, enabled=checkpointed)
         x = tokens[:, num_prefix:]
         for ext in self.extractors():
-            c = ext(c, geometry["ext_ref"], x, geometry["x_shapes"], geometry["x_start"], geometry["c_shape_list"])
+            c = maybe_checkpoint(ext, c, geometry["ext_ref"], x, geometry["x_shapes"], geometry["x_start"],
+                                 geometry["c_shape_list"], enabled=checkpointed)
         return tokens, c
 
 
@@ -293,6 +304,7 @@ class ViTAdapterBackbone(Backbone):
         final_norm: bool = True,
         frozen: bool = False,
         in_chans: int = 3,
+        activation_checkpointing: bool = False,
         conv_inplanes: int = 64,
         spm_norm: str = "GN",
         deform_num_heads: int = 6,
@@ -326,6 +338,7 @@ class ViTAdapterBackbone(Backbone):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=self.patch_size,
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, img_size=img_size, class_token=class_token,
             reg_tokens=reg_tokens, no_embed_class=no_embed_class, layer_scale=layer_scale, in_chans=in_chans)
+        self.vit.set_grad_checkpointing(bool(activation_checkpointing))
         if interaction_indexes:
             idx = [(int(a), int(b)) for a, b in interaction_indexes]
         else:
@@ -458,7 +471,7 @@ class ViTAdapterBackbone(Backbone):
         geometry = self._geometry(grid, c_shapes, x.device, c.dtype)
         stage_maps = []
         for blk, (first, last) in zip(self.interactions, self.interaction_indexes):
-            t, c = blk(t, c, vit.blocks[first:last + 1], npre, geometry)
+            t, c = blk(t, c, vit.blocks[first:last + 1], npre, geometry, checkpointed=vit.grad_checkpointing)
             stage_maps.append(t[:, npre:].transpose(1, 2).reshape(b, self.embed_dim, *grid))
 
         d = self.embed_dim
