@@ -11,6 +11,10 @@ def add_hiseg_config(cfg):
     s.BETAS = [0.9, 0.999]  # AdamW
     # weight decay of position embeddings and class / [SEM] / [INS] tokens (no decay, as DeiT)
     s.WEIGHT_DECAY_EMBED = 0.0
+    # gradient accumulation: one optimizer step (= one iteration) from this many micro-batches of
+    # IMS_PER_BATCH / (processes x ACCUMULATION_STEPS) images; IMS_PER_BATCH stays the total batch.
+    # Refused where it is not the same as the larger batch (hiseg/engine/accumulation.py).
+    s.ACCUMULATION_STEPS = 1
     s.POLY_LR_POWER = 0.9  # "WarmupPolyLR": lr * (1 - iter / max_iter) ** power (Chen et al. 2016)
     cfg.INPUT.DATASET_MAPPER_NAME = ""  # "" = detectron2's DatasetMapper; "CASTDatasetMapper" adds S_0
     # empty = chosen from each test dataset's metadata.evaluator_type; entries "<type>" apply to

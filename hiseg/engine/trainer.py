@@ -4,6 +4,7 @@
 * AdamW / SGD with parameter groups and warmup + cosine / poly schedules (``optim.py``);
 * atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file, and the
   optimizer state inside them on detectron2 v0.6 too (v0.6 forgot it);
+* gradient accumulation, ``SOLVER.ACCUMULATION_STEPS`` (``accumulation.py``);
 * dataset mappers chosen by ``INPUT.DATASET_MAPPER_NAME`` (projects register theirs in
   ``MAPPER_REGISTRY``), wrapped so that a bad image is named in one line
   (``hiseg.image_io.ImageCheckingMapper``), and an empty dataset too (``hiseg.dataset_checks``).
@@ -16,7 +17,7 @@ from datetime import timedelta
 from typing import Callable, Dict, List
 
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator)
 from detectron2.utils import comm
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..compat import coco_evaluator_kwargs
 from ..dataset_checks import dataset_errors
 from ..image_io import ImageCheckingMapper
+from .accumulation import build_step_trainer, check_accumulation, check_model_accumulation, micro_batch_cfg
 from .checkpoint import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
@@ -194,11 +196,13 @@ class HisegTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_accumulation(cfg, comm.get_world_size())  # SOLVER.ACCUMULATION_STEPS, AMP (accumulation.py)
         model = self.build_model(cfg)
+        check_model_accumulation(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader = self.build_train_loader(micro_batch_cfg(cfg))  # IMS_PER_BATCH / ACCUMULATION_STEPS
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, cfg=cfg, trainer=weakref.proxy(self))
         self.start_iter = 0

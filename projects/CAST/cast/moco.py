@@ -65,6 +65,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 @META_ARCH_REGISTRY.register()
 class CASTMoCo(nn.Module):
+    #: read by hiseg.engine.accumulation: SOLVER.ACCUMULATION_STEPS > 1 is refused with this reason
+    GRADIENT_ACCUMULATION_REFUSAL = (
+        "MoCo's InfoNCE takes each query's negatives from the batch, so micro-batches give a different "
+        "loss than the total batch, and the momentum encoder would be updated once per micro-batch")
+
     @configurable
     def __init__(self, *, backbone, dim=256, mlp_dim=4096, temperature=0.2, momentum=0.99,
                  max_iter=1, pixel_mean, pixel_std, kmeans_counts=(64, 32, 16, 8),

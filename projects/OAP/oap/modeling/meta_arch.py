@@ -89,6 +89,11 @@ class OAPSegmentor(nn.Module):
     OAPSegmentor``). Inputs come from ``OAPMultiCropDatasetMapper``: ``image`` (global view) plus
     ``local_images``, ``local_boxes``, ``local_flips`` in training; ``image`` at test time."""
 
+    #: read by hiseg.engine.accumulation: SOLVER.ACCUMULATION_STEPS > 1 is refused with this reason
+    GRADIENT_ACCUMULATION_REFUSAL = (
+        "the teacher EMA and the DINO centre are updated in every forward pass (once per micro-batch), and "
+        "the loss normalisers (matched masks, objectness weights) are those of the total batch")
+
     @configurable
     def __init__(
         self,
