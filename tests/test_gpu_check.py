@@ -97,7 +97,25 @@ def test_quick_cpu_run_writes_every_table_and_row(tmp_path):
     assert [r[0] for r in step] == ["AMP bf16", "fp32"]
     for row in step:
         assert 0 < float(row[4]) < float(row[2]) and row[6] in ("met", "missed"), row
+    mem = _table(tables, "Peak memory of one training step per config family")
+    assert [(r[0], r[1], int(r[3])) for r in mem] == [(m.family, m.command, m.batch) for m in QUICK.memory_rows]
+    for row in mem:
+        assert row[6] == "not measured (CPU)" and row[8] == "ran" and float(row[7]) > 0, row
     assert "all correctness checks passed" in text
+
+
+def test_memory_row_out_of_memory_is_a_row_not_a_failure(tmp_path, monkeypatch):
+    from gpucheck import memory
+
+    def no_room(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(memory, "_two_steps", no_room)
+    report = common.Report(tmp_path / "r.md", "t")
+    prof = type("P", (), {"memory_rows": QUICK.memory_rows[-1:]})()  # the tiny OAP row
+    memory.memory_per_config(report, torch.device("cpu"), prof, torch.bfloat16, allot_s=600)
+    (row,) = report.tables[0].rows
+    assert row[-1] == "out of memory" and not report.failures()
 
 
 def test_failures_decide_the_exit_status(tmp_path):

@@ -7,8 +7,9 @@ measured, one markdown report (docs/gpu_check.md says what each row means).
 
 Parts, in order: correctness (slic_torch, OAP fast = reference, CAST forward, the suite's
 CUDA-only tests in a child pytest, one AMP training step of CASTMoCo, CASTSemanticSegmentor and
-OAPSegmentor), then speed (CAST vs ViT with superpixels, parts and FPS share; OAP vs MaskCut;
-OAP's share of an OAPSegmentor step). A running clock shares what is left of ``--budget``
+OAPSegmentor), then peak memory of a training step per config family at the per-GPU batch of
+docs/distributed.md's 1- and 2-GPU commands, then speed (CAST vs ViT with superpixels, parts and
+FPS share; OAP vs MaskCut; OAP's share of an OAPSegmentor step). A running clock shares what is left of ``--budget``
 among the speed parts, which shrink their repetitions (or skip rows, marked so) to fit.
 
 Report: ``--out``, default ``$OUT/gpu_check.md`` when ``$OUT`` is set, else
@@ -35,7 +36,7 @@ for _p in (ROOT / "projects" / "OAP", ROOT / "projects" / "CAST", ROOT, ROOT / "
 
 DEFAULT_STAMP = ROOT / ".gpu_site" / "STAMP.json"
 # (name, weight): shares of the time left for the speed parts
-SPEED_PARTS = (("cast", 4.0), ("oap", 2.5), ("step", 3.0))
+SPEED_PARTS = (("memory", 4.0), ("cast", 4.0), ("oap", 2.5), ("step", 3.0))
 CORRECTNESS_PARTS = ("slic", "oap_eq", "cast_fwd", "amp", "suite")
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from gpucheck import correctness, speed
+    from gpucheck import correctness, memory, speed
     from gpucheck.profiles import FULL, QUICK
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -145,7 +146,9 @@ def main(argv=None) -> int:
     reserve = 5.0  # writing the report, printing
     for i, (name, weight) in enumerate(speed_parts):
         allot = budget.share(weight, sum(w for _, w in speed_parts[i:]), reserve)
-        if name == "cast":
+        if name == "memory":
+            fn = lambda: memory.memory_per_config(report, device, prof, amp, allot)  # noqa: E731
+        elif name == "cast":
             fn = lambda: speed.speed_cast_vs_vit(report, device, prof, amp, budget, allot)  # noqa: E731
         elif name == "oap":
             fn = lambda: speed.speed_oap(report, device, prof, budget, allot)  # noqa: E731

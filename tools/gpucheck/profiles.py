@@ -30,6 +30,26 @@ class SpeedModel:
     vit_patch: int = 16
 
 
+_CAST_CKPT = "MODEL.CAST.ACTIVATION_CHECKPOINTING"
+_VIT_CKPT = "MODEL.VIT.ACTIVATION_CHECKPOINTING"
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One peak-memory measurement (``memory.py``): a config at the images one GPU holds in one
+    forward pass under a command of docs/distributed.md, with its AMP / checkpointing settings."""
+    family: str
+    command: str  # which command of docs/distributed.md ("Fitting on one or two GPUs") this row is
+    config: str
+    opts: Tuple[str, ...]
+    kind: str  # batch builder: moco / semantic / classification / rcnn / oap
+    batch: int  # images per GPU per forward pass (per micro-batch with accumulation)
+    size: Tuple[int, int]  # (height, width) of each image (OAP: the global view)
+    amp: bool
+    checkpointing: bool
+    checkpoint_key: str = _CAST_CKPT
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -80,7 +100,39 @@ class Profile:
     step_local_crops: int
     step_local_size: int
     step_steps: Tuple[int, int]
+    # peak memory per config family at the per-GPU batch of the 1- and 2-GPU commands
+    memory_rows: Tuple[MemoryRow, ...] = ()
 
+
+_MOCO = "configs/CAST/moco_cast_s_in1k.yaml"
+_SEMSEG = "configs/CAST/semseg_cast_s_voc_finetune.yaml"
+_SEGMENTER = "configs/CAST/segmenter_cast_s_ade20k.yaml"
+_DEIT = "configs/CAST/deit_cast_s_in1k.yaml"
+_LINPROBE = "configs/CAST/linprobe_cast_s_in1k.yaml"
+_RCNN = "configs/CAST/mask_rcnn_cast_s_fpn_coco.yaml"
+_OAP = "configs/OAP/oap_vit_b8_in1k.yaml"
+_ACC = "1 or 2 GPUs (ACCUMULATION_STEPS 8 / 4)"
+
+#: the commands' settings first (docs/distributed.md), then comparisons at the same batch
+FULL_MEMORY_ROWS = (
+    MemoryRow("CAST MoCo", "1 GPU", _MOCO, _SLIC_TORCH, "moco", 256, (224, 224), True, True),
+    MemoryRow("CAST semantic (VOC fine-tuning)", _ACC, _SEMSEG, _SLIC_TORCH, "semantic", 2, (512, 512), False, False),
+    MemoryRow("CAST Segmenter (ADE20K)", _ACC, _SEGMENTER, _SLIC_TORCH, "semantic", 1, (512, 512), False, False),
+    MemoryRow("CAST DeiT", _ACC, _DEIT, _SLIC_TORCH, "classification", 128, (224, 224), True, False),
+    MemoryRow("CAST linear probe", _ACC, _LINPROBE, _SLIC_TORCH, "classification", 128, (224, 224), False, False),
+    MemoryRow("Mask R-CNN on CAST", _ACC, _RCNN, _SLIC_TORCH, "rcnn", 2, (800, 1088), False, False),
+    MemoryRow("OAP", "1 GPU", _OAP, (), "oap", 16, (448, 448), True, True, _VIT_CKPT),
+    MemoryRow("OAP", "2 GPUs", _OAP, (), "oap", 8, (448, 448), True, True, _VIT_CKPT),
+    MemoryRow("CAST MoCo", "2 GPUs", _MOCO, _SLIC_TORCH, "moco", 128, (224, 224), True, True),
+    MemoryRow("CAST MoCo", "1 GPU without checkpointing", _MOCO, _SLIC_TORCH, "moco", 256, (224, 224), True, False),
+    MemoryRow("CAST MoCo", "1 GPU, fp32, no checkpointing", _MOCO, _SLIC_TORCH, "moco", 256, (224, 224), False, False),
+    MemoryRow("OAP", "1 GPU without checkpointing", _OAP, (), "oap", 16, (448, 448), True, False, _VIT_CKPT),
+    MemoryRow("OAP", "2 GPUs, fp32, no checkpointing", _OAP, (), "oap", 8, (448, 448), False, False, _VIT_CKPT),
+    MemoryRow("CAST semantic (VOC fine-tuning)", _ACC + " with AMP", _SEMSEG, _SLIC_TORCH, "semantic", 2, (512, 512),
+              True, False),
+    MemoryRow("Mask R-CNN on CAST", _ACC + " with AMP", _RCNN, _SLIC_TORCH, "rcnn", 2, (800, 1088), True, False),
+    MemoryRow("CAST DeiT", _ACC + " in fp32", _DEIT, _SLIC_TORCH, "classification", 128, (224, 224), False, False),
+)
 
 FULL = Profile(
     name="full",
@@ -104,6 +156,7 @@ FULL = Profile(
     oap_speed=(16, 768, 56, 56), oap_image_size=448, oap_vit=(8, 768, 12, 12), maskcut_images=(1, 2),
     step_config="configs/OAP/oap_vit_b8_in1k.yaml", step_opts=("MODEL.WEIGHTS", ""),
     step_batch=16, step_size=448, step_local_crops=4, step_local_size=224, step_steps=(2, 5),
+    memory_rows=FULL_MEMORY_ROWS,
 )
 
 _TINY_CAST = ("MODEL.CAST.EMBED_DIM", "48", "MODEL.CAST.NUM_HEADS", "4", "MODEL.CAST.DEPTHS", "[1, 1, 1, 1]",
@@ -133,6 +186,19 @@ QUICK = Profile(
     oap_speed=(2, 32, 8, 8), oap_image_size=64, oap_vit=(8, 32, 2, 2), maskcut_images=(1, 1),
     step_config="configs/OAP/quick/oap_vit_tiny_coco_sample_cpu.yaml", step_opts=(),
     step_batch=2, step_size=64, step_local_crops=1, step_local_size=64, step_steps=(1, 1),
+    # one tiny row per family (the code paths of the full rows; memory is not measured on a CPU)
+    memory_rows=(
+        MemoryRow("CAST MoCo", "1 GPU", "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml",
+                  _SLIC_TORCH + _TINY_CAST, "moco", 4, (64, 64), True, True),
+        MemoryRow("CAST semantic (VOC fine-tuning)", _ACC, "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml",
+                  _SLIC_TORCH, "semantic", 2, (64, 64), False, False),
+        MemoryRow("CAST DeiT", _ACC, "configs/CAST/quick/deit_cast_tiny_skimage_cpu.yaml", _SLIC_TORCH,
+                  "classification", 4, (64, 64), False, False),
+        MemoryRow("Mask R-CNN on CAST", _ACC, "configs/CAST/quick/mask_rcnn_cast_tiny_coco_sample_cpu.yaml",
+                  _SLIC_TORCH, "rcnn", 1, (64, 96), False, False),
+        MemoryRow("OAP", "1 GPU", "configs/OAP/quick/oap_vit_tiny_coco_sample_cpu.yaml", (), "oap", 2, (64, 64),
+                  False, True, _VIT_CKPT),
+    ),
 )
 
 PROFILES = {"full": FULL, "quick": QUICK}
