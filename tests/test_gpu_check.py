@@ -1,5 +1,5 @@
 """tools/gpu_check.py: the prepared GPU check runs its CPU quick mode end to end (so it cannot rot
-before a GPU is lent), and its report holds every table and row; the pieces that decide the exit
+before it runs on a GPU), and its report holds every table and row; the pieces that decide the exit
 status and the list of CUDA-only tests are checked on their own."""
 import os
 import subprocess

@@ -17,8 +17,8 @@ Report: ``--out``, default ``$OUT/gpu_check.md`` when ``$OUT`` is set, else
 Exit status: 1 when a correctness row FAILs or any part raises (ERROR); 2 for bad arguments
 (e.g. ``--device cuda`` without CUDA); 0 otherwise. A missed speed goal never fails the run.
 
-``--write-stamp PATH`` records the commit and the source fingerprint (the device machine gets the
-working tree without ``.git``) and exits; ``tools/gpu_wheels.sh`` calls it.
+``--write-stamp PATH`` records the commit and the source fingerprint (for a copy of the checkout
+without ``.git``) and exits; ``tools/gpu_wheels.sh`` calls it.
 """
 import argparse
 import os
@@ -29,7 +29,7 @@ from pathlib import Path
 
 T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
-# no editable install on the device machine: this checkout's packages (and the tools' library) first
+# runs without an editable install too: this checkout's packages (and the tools' library) first
 for _p in (ROOT / "projects" / "OAP", ROOT / "projects" / "CAST", ROOT, ROOT / "tools"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Prepares .gpu_site/ (git-ignored): the Python 3.12 wheels that the device machine's image lacks
-# for tools/gpu_check.py, and a stamp with this checkout's commit (no .git travels there).
+# For a GPU machine without network access: builds, on a machine with network, the Python 3.12
+# wheels that such a machine's image usually lacks for tools/gpu_check.py into .gpu_site/
+# (git-ignored), and a stamp with this checkout's commit (for a copy of the checkout without .git).
 #
-#   bash tools/gpu_wheels.sh        # here, with network; again before every device call (seconds)
+#   bash tools/gpu_wheels.sh        # with network; again after changing the checkout (seconds)
 #
-# The device image has Python 3.12 with torch, torchvision, timm, scipy, scikit-image,
+# The image is assumed to have Python 3.12 with torch, torchvision, timm, scipy, scikit-image,
 # opencv-python-headless, numpy, pyyaml, tqdm, tabulate, portalocker, cloudpickle, Pillow,
 # matplotlib, packaging, typing-extensions and pytest, but not:
 #   * detectron2: its v0.6 Python sources (the pb1-detectron2 sdist), patched exactly as
@@ -14,7 +15,7 @@
 #     wheels (pure Python);
 #   * yacs, termcolor, omegaconf, hydra-core, panopticapi-lite: pure-Python wheels.
 # Versions are those installed in this checkout's environment (the ones the suite runs with),
-# else the pins below. On the device (docs/gpu_check.md has the one-line command):
+# else the pins below. On the GPU machine, from the copied checkout:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_site/*.whl
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,11 +80,11 @@ EOF
   "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$site" "$work/detectron2-0.6-pure"
 fi
 
-# one version of each: two wheels of one name stop the whole install on the device
+# one version of each: two wheels of one name stop the whole install on the GPU machine
 dups="$(ls "$site"/*.whl | xargs -n1 basename | cut -d- -f1 | sort | uniq -d)"
 if [ -n "$dups" ]; then echo "[gpu_wheels] more than one wheel of: $dups (delete the old ones)" >&2; exit 1; fi
 
-# the device's own install, dry: the set must install for CPython 3.12 without an index
+# the GPU machine's install, dry: the set must install for CPython 3.12 without an index
 check="$(mktemp -d)"
 "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$check" --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --only-binary=:all: "$site"/*.whl

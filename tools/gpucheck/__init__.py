@@ -6,7 +6,7 @@ Where it lives, and why: the checks import both projects (``cast`` and ``oap``) 
 other, so the orchestration sits at the tools level, beside the benchmark scripts whose library
 code it reuses (``tools/benchmark.py``, ``benchmark_oap.py``, ``benchmark_oap_step.py``).
 ``tools/gpu_check.py`` puts ``tools/``, the repository root and ``projects/*`` on ``sys.path``
-(the device machine has no editable install of this repository) and imports this package.
+(so it also runs from a checkout without an editable install) and imports this package.
 
 Modules:
 
@@ -15,6 +15,8 @@ Modules:
 * :mod:`.profiles`: the sizes of a full (GPU) run and of the ``--quick`` (CPU) run;
 * :mod:`.correctness`: CUDA against CPU (``slic_torch``, OAP, CAST forward), the suite's
   CUDA-only tests, one AMP training step of each trainable meta-architecture;
+* :mod:`.memory`: peak GPU memory of a training step per config family at the per-GPU batch of
+  docs/distributed.md's 1- and 2-GPU commands;
 * :mod:`.speed`: CAST / ViT time ratios with parts, OAP against MaskCut, OAP's share of an
   OAPSegmentor training step.
 """

@@ -18,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 STAMP_NAME = "STAMP.json"
-#: folders whose files make the source fingerprint (what the device run executes)
+#: folders whose files make the source fingerprint (what the run executes)
 FINGERPRINT_DIRS = ("hiseg", "projects", "tools", "tests", "configs")
 FINGERPRINT_SUFFIXES = (".py", ".yaml", ".sh")
 
@@ -283,8 +283,8 @@ def error_text(exc: BaseException, limit: int = 160) -> str:
 # provenance
 def source_fingerprint(root: Path = REPO) -> str:
     """sha256 (16 hex digits) over the source files the run executes (``FINGERPRINT_DIRS``,
-    ``FINGERPRINT_SUFFIXES``), by relative path and content: the same number here and on the
-    device machine when the same tree travelled."""
+    ``FINGERPRINT_SUFFIXES``), by relative path and content: the same number for a copy of the
+    same tree on another machine."""
     h = hashlib.sha256()
     for d in FINGERPRINT_DIRS:
         base = root / d
@@ -313,8 +313,8 @@ def git_state(root: Path = REPO) -> Optional[Dict[str, str]]:
 
 
 def write_stamp(path: Path, root: Path = REPO) -> Dict[str, str]:
-    """Record the commit and the source fingerprint next to the carried wheels (the device run
-    reads it back, since no ``.git`` travels)."""
+    """Record the commit and the source fingerprint next to the wheels of ``tools/gpu_wheels.sh``
+    (a run from a copy of the checkout without ``.git`` reads it back)."""
     state = git_state(root) or {"commit": "unknown", "changed_files": "?"}
     stamp = dict(state, fingerprint=source_fingerprint(root), written=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     path = Path(path)
