@@ -304,7 +304,6 @@ class ViTAdapterBackbone(Backbone):
         final_norm: bool = True,
         frozen: bool = False,
         in_chans: int = 3,
-        activation_checkpointing: bool = False,
         conv_inplanes: int = 64,
         spm_norm: str = "GN",
         deform_num_heads: int = 6,
@@ -320,6 +319,7 @@ class ViTAdapterBackbone(Backbone):
         zero_init: bool = True,
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         out_norm: str = "LN",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         unknown = [k for k in out_features if k not in _STRIDES]
