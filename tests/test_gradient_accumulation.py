@@ -146,3 +146,72 @@ def test_refusals_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="synchronised BatchNorm"):
         check_model_accumulation(cfg, torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SyncBatchNorm2d(4)))
     check_model_accumulation(cfg, torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+
+
+class _TinyNet(torch.nn.Module):
+    """A loss-dict model on dict inputs ``{"x": (4,), "y": (1,)}`` (mean squared error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, batch):
+        x = torch.stack([d["x"] for d in batch])
+        y = torch.stack([d["y"] for d in batch])
+        return {"loss_mse": ((self.net(x) - y) ** 2).mean()}
+
+
+def _tiny_batches(n_images, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(4, generator=g), "y": torch.randn(1, generator=g)} for _ in range(n_images)]
+
+
+def _ddp_accumulation_worker(per_rank_micro_batches):
+    """One accumulated step of the tiny net under DDP (gloo); the gradients, weights and the
+    number of gradient all-reduce calls."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from hiseg.engine.accumulation import AccumulatingTrainer
+    from hiseg.engine.trainer import create_ddp_model
+
+    torch.manual_seed(0)
+    model = _TinyNet()
+    ddp = create_ddp_model(model)
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(dist.group.WORLD, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    mine = per_rank_micro_batches[comm.get_rank()]
+    trainer = AccumulatingTrainer(ddp, mine, torch.optim.SGD(model.parameters(), lr=0.1), len(mine))
+    with EventStorage(0):
+        trainer.iter = 0
+        trainer.run_step()
+    return ({n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: p.detach().clone() for n, p in model.named_parameters()}, len(calls))
+
+
+def test_ddp_accumulation_equals_one_process_full_batch():
+    """2 processes x 2 micro-batches of 2 = one process with the batch of 8; the gradients are
+    all-reduced once per optimizer step (no_sync before the last micro-batch)."""
+    from distributed_helpers import run_group
+
+    data = _tiny_batches(8)
+    per_rank = [[data[0:2], data[2:4]], [data[4:6], data[6:8]]]
+    results = run_group(_ddp_accumulation_worker, 2, (per_rank,))
+    torch.manual_seed(0)
+    ref = _TinyNet()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref(data)["loss_mse"].backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    opt.step()
+    for grads, weights, n_allreduce in results:
+        assert n_allreduce == 1  # one bucket, reduced once
+        for n, p in ref.named_parameters():
+            assert torch.allclose(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7), n
+            assert torch.allclose(weights[n], p.detach(), rtol=1e-5, atol=1e-7), n
