@@ -143,6 +143,24 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def train_step(model, optimizer, batch, device: torch.device, dtype: Optional[torch.dtype], scaler=None):
+    """One training step: forward under ``autocast(device, dtype)``, the summed losses, backward
+    (through ``scaler``, a ``torch.amp.GradScaler``, for fp16) and the optimizer step. Returns the
+    loss."""
+    with autocast(device, dtype):
+        losses = model(batch)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def precision_name(dtype: Optional[torch.dtype]) -> str:
     if dtype is None:
         return "fp32"

@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-from .common import ERROR, SKIP, Report, error_text, precision_name
+from .common import ERROR, SKIP, Report, error_text, precision_name, train_step
 from .correctness import build_cfg, moco_batch, oap_batch, sample_images, semantic_batch
 
 COLUMNS = ("family", "command", "config", "images per GPU per forward", "precision", "activation checkpointing",
@@ -84,8 +84,6 @@ def _two_steps(model, optimizer, batch, device, dtype) -> float:
     """Two training steps; seconds of the second."""
     from detectron2.utils.events import EventStorage
 
-    from .common import autocast
-
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     seconds = 0.0
     with EventStorage(0) as storage:
@@ -94,17 +92,7 @@ def _two_steps(model, optimizer, batch, device, dtype) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            with autocast(device, dtype):
-                losses = model(batch)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = train_step(model, optimizer, batch, device, dtype, scaler)
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {it}")
             if device.type == "cuda":

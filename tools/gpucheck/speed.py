@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .common import ERROR, SKIP, Budget, Measured, Report, Timer, alternate, autocast, error_text, goal_status, \
-    mib, ms, pct, precision_name
+    mib, ms, pct, precision_name, train_step
 from .correctness import build_cfg, normalize, oap_batch, sample_images
 
 GOAL_CAST_RATIO = 0.75
@@ -300,18 +300,7 @@ def speed_oap_step(report: Report, device: torch.device, prof, amp: torch.dtype,
                     storage.iter = it
 
                     def step():
-                        with autocast(device, dtype):
-                            losses = model(data)
-                        loss = sum(losses.values())
-                        optimizer.zero_grad(set_to_none=True)
-                        if scaler is not None:
-                            scaler.scale(loss).backward()
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            loss.backward()
-                            optimizer.step()
-                        return loss
+                        return train_step(model, optimizer, data, device, dtype, scaler)
 
                     sec, _, loss = timer.time(step, track_memory=False)
                     if not torch.isfinite(loss.detach()):
