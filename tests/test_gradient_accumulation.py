@@ -103,13 +103,7 @@ def test_iterations_and_schedule_count_optimizer_steps(synthetic_dataset, tmp_pa
     trainer.resume_or_load(resume=False)
     seen = []
     trainer.model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
-    orig_step = trainer.optimizer.step
-
-    def counted_step(*a, **k):
-        steps.append(trainer.optimizer.param_groups[0]["lr"])
-        return orig_step(*a, **k)
-
-    trainer.optimizer.step = counted_step
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: steps.append(opt.param_groups[0]["lr"]))
     trainer.train()
     assert seen == [2] * 6  # 3 iterations x 2 micro-batches of 2
     assert len(steps) == 3 and trainer.iter == 3
