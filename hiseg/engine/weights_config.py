@@ -13,7 +13,10 @@ Converted official weights (``tools/convert_cast_checkpoint.py``) carry, under
   where changing e.g. the token pooling is a deliberate choice: the authors' own segmentation code
   fine-tunes MoCo weights with bilinear pooling) logs one warning line per difference.
 * ``holds``: the key prefix of the tensors the file holds (e.g. ``"backbone.encoder."``). Model
-  tensors outside it are expected to be missing and are summarised in one log line.
+  tensors outside it are expected to be missing and are summarised in one log line. Heads a
+  converter wrote beside the encoder (``backbone.fuse.*``, ``head.*``) load like any tensor.
+* ``not_held`` (optional): model keys under ``holds`` that the released model does not have
+  (e.g. the final norm of a model without one); also expected, and summarised.
 
 Nothing here imports a project: keys are dotted config paths compared with the config's values.
 """
@@ -115,12 +118,15 @@ def summarize_expected_missing(missing: Iterable[str], meta: Optional[Mapping[st
     holds = (meta or {}).get("holds")
     if not holds:
         return None, missing
-    outside = [k for k in missing if not k.startswith(holds)]
-    inside = [k for k in missing if k.startswith(holds)]
+    not_held = set((meta or {}).get("not_held", ()))
+    outside = [k for k in missing if not k.startswith(holds) or k in not_held]
+    inside = [k for k in missing if k.startswith(holds) and k not in not_held]
     if not outside:
         return None, inside
-    groups = Counter(".".join(k.split(".")[:2]) if k.startswith("backbone.") else k.split(".")[0] for k in outside)
-    listed = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
+    groups = Counter(".".join(k.split(".")[:2]) if k.startswith("backbone.") else k.split(".")[0]
+                     for k in outside if k not in not_held)
+    listed = ", ".join([f"{g} ({n})" for g, n in sorted(groups.items())]
+                       + [f"{k} (the released model has none)" for k in outside if k in not_held])
     line = (f"{len(outside)} model tensors are not in the checkpoint, as expected: it holds only "
             f"{meta.get('source', 'converted weights')} under '{holds}*', so these are not loaded from it "
             f"(they start from their own initialisation): {listed}")
