@@ -163,9 +163,17 @@ def _fps(points, num):
     return torch.tensor(chosen)
 
 
-def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=HEADS, pooling="nearest"):
+def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=HEADS, pooling="nearest",
+                     num_tokens=None, return_blocks=False):
     """One image (3, H, W) normalised and its (H, W) superpixels -> (class feature (D,),
-    per-level hard assignments [(M_{l-1},)], per-level logits).
+    per-level hard assignments [(M_{l-1},)], per-level logits), and with ``return_blocks`` the
+    tokens after each block group (the released ``block1..block4``).
+
+    ``num_tokens``: how many segment tokens the released code makes for this image. Its
+    ``segment_mean_nd`` makes ``max(label) + 1`` over the label map it is given *and over the
+    batch* (see :func:`released_token_count`); default: ``max(labels) + 1`` of the full-resolution
+    map, which is what the released batched evaluation gives whenever a batch-mate keeps its
+    largest label.
 
     ``pooling="nearest"``: the released classification / MoCo code (label map resized to the stem
     grid, the grid's position table added there). ``"bilinear"``: the released segmentation code
@@ -183,7 +191,7 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
     learned = "pe_token" not in sd
     pos = sd["pos_embed"][0, 1:] if learned else sd["pos_embed"][0]
     cls = sd["cls_token"][0] + (sd["pos_embed"][0, :1] if learned else sd["pe_token"][0])
-    n = int(labels.max()) + 1
+    n = int(labels.max()) + 1 if num_tokens is None else int(num_tokens)
     tokens = torch.zeros(n, d, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
     if pooling == "nearest":
@@ -197,13 +205,14 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
         feats = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0] \
             + F.interpolate(table, size=size, mode="bicubic", align_corners=False)[0]
         feats, cell_labels = feats.flatten(1).t(), labels.flatten()
+    assert int(cell_labels.max()) < n, "the released code never makes fewer tokens than labels it pools"
     for cell in range(feats.shape[0]):
         tokens[cell_labels[cell]] += feats[cell]
         count[cell_labels[cell]] += 1
     valid = count > 0
     tokens = tokens / count.clamp(min=1)[:, None]  # a vanished segment stays an all-zero token
 
-    assignments, logits_all, start = [], [], 0
+    assignments, logits_all, blocks, start = [], [], [], 0
     for level, depth in enumerate(depths):
         z = torch.cat([cls, tokens])
         for i in range(start, start + depth):
@@ -213,8 +222,9 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
             z = z + _lin(hid, sd, b + ".mlp.fc2")
         start += depth
         cls, tokens = z[:1], z[1:]
-        if level == len(depths) - 1:
-            out = _ln(cls[0], sd, "norm", 1e-6)
+        blocks.append(tokens)
+        if level == len(depths) - 1:  # the released segmentation model has no final norm
+            out = _ln(cls[0], sd, "norm", 1e-6) if "norm.weight" in sd else cls[0]
         p = f"pool{level + 1}.pool_block."
         mean = tokens[valid].mean(0, keepdim=True)
         filled = torch.where(valid[:, None], tokens, mean)
@@ -233,7 +243,24 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
         f2 = _lin(_ln(torch.cat([f1[:1], pooled]), sd, p + "fc2.0", 1e-5), sd, p + "fc2.1")
         tokens, cls = f2[1:] + tokens[sampled], f2[:1] + cls
         valid = torch.ones(tokens.shape[0], dtype=torch.bool)
+    if return_blocks:
+        return out, assignments, logits_all, blocks
     return out, assignments, logits_all
+
+
+def released_token_count(label_maps, grid, pooling="nearest"):
+    """The number of segment tokens the released code makes for a batch of label maps: its
+    ``segment_mean_nd`` sizes the output by ``max(label) + 1`` over the whole batch of the label
+    maps it pools, which for ``pooling="nearest"`` (classification / MoCo code) are the maps
+    after the nearest resize to the stem grid. A batch of one image is the authors' code run on
+    that image alone."""
+    maps = []
+    for lab in label_maps:
+        if pooling == "nearest":
+            step_y, step_x = lab.shape[0] // grid[0], lab.shape[1] // grid[1]
+            lab = lab[::step_y, ::step_x]
+        maps.append(lab)
+    return max(int(m.max()) for m in maps) + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +315,9 @@ def test_converted_weights_equal_released_function_with_vanished_superpixels(tmp
     with torch.no_grad():
         out = encoder(images, labels)
     for i in range(2):
-        # the released code on this image alone (a batch would pad image 1 with image 0's count)
+        # the released code with this image's full-resolution count max(label) + 1: its batched
+        # evaluation whenever a batch-mate keeps its largest label on the grid. Alone, image 0
+        # would get fewer tokens (test_token_count_is_the_released_batched_count below).
         ref_cls, ref_assign, ref_logits = released_forward(sd, images[i], labels[i], pooling=pooling)
         n = int(labels[i].max()) + 1
         assert torch.allclose(out["cls"][i].double(), ref_cls, atol=2e-4, rtol=1e-4), \
@@ -305,6 +334,34 @@ def test_converted_weights_equal_released_function_with_vanished_superpixels(tmp
     # the empty tokens the released code keeps: vanished superpixels (nearest) and the gap label
     empty = int(labels[0].max()) + 1 - int(out["levels"][0]["valid"][0].sum())
     assert empty == (5 if pooling == "nearest" else 1)  # 16, 17, 19, 21 vanish; no pixel has 20
+
+
+def test_token_count_is_the_released_batched_count(tmp_path):
+    """The released classification / MoCo code makes ``max(label on the 28x28 grid) + 1`` tokens
+    over the *batch*. Image 0 here loses its two largest labels (19, 21) on the grid: run alone,
+    the released code makes 19 tokens; in a batch with an image that keeps label 21 on the grid
+    (its ImageNet evaluation runs batches of 256), 22. Ours makes ``max(full-resolution label) +
+    1`` = 22 for the image whatever its batch, so it equals the released batched evaluation, not
+    the released code run on the image alone."""
+    sd, encoder = _converted_model(tmp_path, "moco_cast_s_in1k.yaml", False, ["MODEL.CAST.TOKEN_POOL_MODE", "nearest"])
+    images, labels = _batch()
+    image, lab = images[0], labels[0]
+    mate = vanishing_labels(1).clone()
+    mate[:8, :8] = 21  # keeps label 21 on the grid (sample (0, 0))
+    alone = released_token_count([lab], (8, 8))
+    batched = released_token_count([lab, mate], (8, 8))
+    assert (alone, batched) == (19, 22)
+    with torch.no_grad():
+        out = encoder(image[None], lab[None])
+        out_pair = encoder(torch.stack([image, images[1]]), torch.stack([lab, mate]))
+    assert out["levels"][0]["tokens"].shape[1] == batched == int(lab.max()) + 1
+    ref_alone = released_forward(sd, image, lab, num_tokens=alone)[0]
+    ref_batched = released_forward(sd, image, lab, num_tokens=batched)[0]
+    ours = out["cls"][0].double()
+    assert torch.allclose(ours, ref_batched, atol=2e-4, rtol=1e-4), (ours - ref_batched).abs().max()
+    assert (ours - ref_alone).abs().max() > 1e-3  # the three extra all-zero tokens attend
+    # batch-independent: the same image in another batch gives the same output
+    assert torch.allclose(out_pair["cls"][0], out["cls"][0], atol=1e-5)
 
 
 @pytest.mark.parametrize("option,pooling", [(["MODEL.CAST.EMPTY_TOKENS", "mask"], "nearest"),

@@ -4,6 +4,10 @@
     python tools/convert_cast_checkpoint.py --input checkpoint_0099.pth.tar --output cast_s_moco.pth
     python tools/convert_cast_checkpoint.py --input best_checkpoint.pth --output cast_s_deit.pth \
         --format cast-deit                       # then MODEL.CAST.POS_EMBED: learned
+    python tools/convert_cast_checkpoint.py --input checkpoint_0399.pth.tar --output cast_s_coco.pth \
+        --config-file configs/CAST/semseg_cast_s_voc_finetune.yaml   # COCO MoCo (cast-seg-moco) + fusion
+    python tools/convert_cast_checkpoint.py --input checkpoint.pth --output cast_s_ade20k.pth \
+        --config-file configs/CAST/segmenter_cast_s_ade20k.yaml      # segm/train_cast.py: encoder + decoder
     python tools/convert_cast_checkpoint.py --input checkpoint_0099.pth.tar --output cast_fpn.pth \
         --prefix backbone.bottom_up.encoder.      # CAST wrapped by FPN (build_cast_fpn_backbone)
     python tools/convert_cast_checkpoint.py --input dino_vitbase8_pretrain.pth --output vitb8.pth
@@ -66,8 +70,8 @@ def build_model_from_config(args):
 def main(argv=None):
     args = parse_args(argv)
     from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
-                                 describe_needed_config, find_prefix, save_detectron2_checkpoint,
-                                 to_detectron2_checkpoint, verify_against_model)
+                                 describe_needed_config, find_prefix, parts_for_model,
+                                 save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
     from hiseg.cli import one_line
     from hiseg.errors import UserError
 
@@ -87,10 +91,15 @@ def main(argv=None):
         prefix = args.prefix
         if prefix is None:
             prefix = find_prefix(model, result.model) if model is not None else DEFAULT_PREFIX[result.model]
-        data = to_detectron2_checkpoint(result, prefix)
+        parts = None  # heads / block fusion: all without a config, else those its model has
+        if model is not None:
+            parts, left_out = parts_for_model(result, model, prefix)
+            for m in left_out:
+                print(f"- {m}")
+        data = to_detectron2_checkpoint(result, prefix, parts=parts)
         if model is not None:
             try:
-                verify_against_model(model, data["model"], prefix)
+                verify_against_model(model, data, prefix)
             except CheckpointConversionError as e:
                 raise CheckpointConversionError(f"{e}. Does {args.config_file} set the values listed above?") from e
             print(f"checked: every converted tensor fits the model of {args.config_file}")
