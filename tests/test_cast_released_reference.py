@@ -216,7 +216,8 @@ def released_forward(sd, image, labels, depths=DEPTHS, segments=SEGMENTS, heads=
     for level, depth in enumerate(depths):
         z = torch.cat([cls, tokens])
         for i in range(start, start + depth):
-            b = f"blocks.{i}"
+            # classification models: flat blocks.i; the COCO segmentation model: per group only
+            b = f"blocks.{i}" if f"blocks.{i}.norm1.weight" in sd else f"blocks{level + 1}.{i - start}"
             z = z + _mhsa(_ln(z, sd, b + ".norm1", 1e-6), sd, b + ".attn", heads)
             hid = F.gelu(_lin(_ln(z, sd, b + ".norm2", 1e-6), sd, b + ".mlp.fc1"))
             z = z + _lin(hid, sd, b + ".mlp.fc2")
