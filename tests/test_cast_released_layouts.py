@@ -248,8 +248,10 @@ def test_segmenter_checkpoint_converts_with_its_decoder(tmp_path, capsys, caplog
     torch.save({"model": model_sd, "optimizer": {"state": {}}, "n_cls": NUM_CLASSES,
                 "lr_scheduler": {"last_epoch": 63}, "epoch": 63}, src)
     model, printed, log = _convert_and_load(tmp_path, capsys, caplog, src, "segmenter_cast_s_ade20k.yaml",
-                                            ["MODEL.CAST_SEGMENTER.NUM_CLASSES", str(NUM_CLASSES)])
+                                            ["MODEL.CAST_SEGMENTER.NUM_CLASSES", str(NUM_CLASSES),
+                                             "MODEL.CAST.SUPERPIXEL.SEEDS_INPUT", "released_segmenter"])
     assert "format: cast-segmenter" in printed
+    assert "MODEL.CAST.SUPERPIXEL.SEEDS_INPUT: released_segmenter" in printed
     assert f"Segmenter mask transformer -> head (2 blocks, {NUM_CLASSES} classes, width {DIM}" in printed
     assert "never reads it" in printed  # the encoder's unused classifier
     assert "MODEL.CAST.TOKEN_POOL_MODE: bilinear" in printed and "MODEL.CAST.POS_RESIZE: stretch" in printed
@@ -304,3 +306,31 @@ def test_a_head_the_config_lacks_is_reported_not_written(tmp_path, capsys, caplo
            "is not in the model)" in printed
     assert "MODEL.CLS.NUM_CLASSES" not in str(torch.load(tmp_path / "converted.pth", weights_only=False)
                                               ["hiseg_weights_config"]["required"])
+
+
+def test_released_segmenter_seeds_input(tmp_path):
+    """``SEEDS_INPUT: released_segmenter``: SEEDS on what the authors' Segmenter code gives it,
+    ``(image_uint8 * 255)`` in uint8 arithmetic (``segm/data/utils.py``), here computed
+    independently as ``(255 v) mod 256`` in int64; it is another partition than the image's."""
+    import cv2
+    import numpy as np
+    from skimage import data
+
+    from cast.superpixels import SuperpixelConfig, compute_superpixels
+    from detectron2.config import get_cfg
+    from hiseg.setup import add_all_configs
+
+    image = np.ascontiguousarray(data.astronaut()[100:196, 150:246])
+    cfg = get_cfg()
+    add_all_configs(cfg)
+    cfg.merge_from_list(["MODEL.CAST.SUPERPIXEL.SEEDS_INPUT", "released_segmenter",
+                         "MODEL.CAST.SUPERPIXEL.NUM_SUPERPIXELS", "36"])
+    sp_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)  # 5 bins, 15 iterations
+    ours = compute_superpixels(image, sp_cfg)
+    wrapped = ((image.astype(np.int64) * 255) % 256).astype(np.uint8)
+    seeds = cv2.ximgproc.createSuperpixelSEEDS(96, 96, 3, 36, 1, 2, 5, False)
+    seeds.iterate(cv2.cvtColor(wrapped, cv2.COLOR_RGB2LAB), 15)
+    ref = np.unique(seeds.getLabels(), return_inverse=True)[1].reshape(96, 96)
+    assert np.array_equal(ours, ref)
+    plain = compute_superpixels(image, SuperpixelConfig(**{**sp_cfg.__dict__, "seeds_input": "rgb"}))
+    assert not np.array_equal(ours, plain)

@@ -72,3 +72,7 @@ def add_cast_config(cfg):
     s.HISTOGRAM_BINS = 5  # 15 for MoCo training, 5 for supervised / dense (released code)
     s.ITERATIONS = 15  # 20 for MoCo training, 15 for supervised / dense
     s.PRIOR = 2
+    # "rgb": SEEDS on the image. "released_segmenter": on (image * 255) in uint8 arithmetic, i.e.
+    # (-v) mod 256 per channel, as the authors' Segmenter code does in training and evaluation
+    # (segm/data/utils.py generate_superpixels); Segmenter weights trained with it need it.
+    s.SEEDS_INPUT = "rgb"

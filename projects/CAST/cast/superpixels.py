@@ -10,6 +10,18 @@ uint8 RGB image converted to LAB, with ``num_levels=1, prior=2, double_step=Fals
 ``histogram_bins=15`` and 20 iterations for MoCo training, 5 bins and 15 iterations for
 supervised and dense training; 196 superpixels at 224x224 and ``H*W/16^2`` for dense tasks.
 
+``seeds_input="released_segmenter"`` (``MODEL.CAST.SUPERPIXEL.SEEDS_INPUT``) reproduces what the
+authors' Segmenter code (ADE20K / Pascal Context fine-tuning) gives SEEDS: its
+``generate_superpixels`` multiplies the already-uint8 image by 255 in uint8 arithmetic, which
+wraps to ``(-v) mod 256`` (0 stays 0, 1 becomes 255, 255 becomes 1: an inverted image with black
+kept black), in training (``segm/data/base.py``) and in evaluation (``segm/model/utils.py``
+``inference_with_superpixels``, called by ``engine_cast.evaluate`` and ``eval/miou_cast.py``
+with the same 0-255 statistics); github twke18/CAST ec85adf. Weights trained with that code
+were trained, and their numbers measured, on those superpixels. One difference remains: the
+released code gets its uint8 image by truncating a normalised-then-de-normalised float image
+(``astype(np.uint8)``), which can lower a value by 1 where the float round trip falls below
+it; we start from the decoded uint8 image.
+
 Every returned label map is int64 with labels ``0..n-1`` all present (SEEDS may return fewer
 labels than asked and a few non-connected labels; both are fine downstream).
 """
@@ -23,9 +35,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["SuperpixelConfig", "compute_superpixels", "grid_superpixels", "relabel_consecutive",
-           "num_superpixels_for", "to_rgb_uint8", "compute_superpixels_batch", "METHODS"]
+           "num_superpixels_for", "to_rgb_uint8", "compute_superpixels_batch", "METHODS", "SEEDS_INPUTS",
+           "released_segmenter_seeds_input"]
 
 METHODS = ("seeds", "slic", "slic_torch", "grid")
+SEEDS_INPUTS = ("rgb", "released_segmenter")
 
 # SEEDS in OpenCV hangs or crashes on very small images or blocks of a few pixels (measured:
 # 16x16 asking for 196 never returns; 9x200 segfaults). Below these limits we fall back to a
@@ -48,6 +62,7 @@ class SuperpixelConfig:
     double_step: bool = False
     slic_compactness: float = 10.0
     slic_iterations: int = 10  # SLIC's default (skimage's max_num_iter); "slic_torch" only
+    seeds_input: str = "rgb"  # "rgb" | "released_segmenter" (see the module docstring)
 
     @property
     def on_model_device(self) -> bool:
@@ -65,6 +80,7 @@ class SuperpixelConfig:
             histogram_bins=int(cfg_sp.HISTOGRAM_BINS),
             iterations=int(cfg_sp.ITERATIONS),
             prior=int(cfg_sp.PRIOR),
+            seeds_input=str(getattr(cfg_sp, "SEEDS_INPUT", "rgb")),
         )
 
 
@@ -163,11 +179,21 @@ def compute_superpixels(image_rgb: np.ndarray, cfg: SuperpixelConfig = Superpixe
         logger.debug("image %dx%d too small for SEEDS; using a regular grid", h, w)
         return grid_superpixels(h, w, min(n, max(1, h * w // _SEEDS_MIN_BLOCK_AREA)))
     n = min(n, max(1, (h * w) // _SEEDS_MIN_BLOCK_AREA))
+    if cfg.seeds_input == "released_segmenter":
+        image_rgb = released_segmenter_seeds_input(image_rgb)
+    elif cfg.seeds_input != "rgb":
+        raise ValueError(f"unknown SEEDS input {cfg.seeds_input!r}: use one of {', '.join(SEEDS_INPUTS)}")
     lab = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2LAB)
     seeds = cv2.ximgproc.createSuperpixelSEEDS(
         w, h, 3, n, cfg.num_levels, cfg.prior, cfg.histogram_bins, cfg.double_step)
     seeds.iterate(lab, cfg.iterations)
     return relabel_consecutive(seeds.getLabels())
+
+
+def released_segmenter_seeds_input(image_rgb: np.ndarray) -> np.ndarray:
+    """The image the authors' Segmenter code gives SEEDS: ``image * 255`` in uint8 arithmetic,
+    which wraps to ``(-v) mod 256`` per channel (see the module docstring)."""
+    return (image_rgb.astype(np.uint8) * np.uint8(255)).astype(np.uint8)
 
 
 def _slic_torch(images: torch.Tensor, n: int, cfg: SuperpixelConfig) -> torch.Tensor:

@@ -110,7 +110,8 @@ def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moc
     pooling (``EMPTY_TOKENS: attend``), and assignment logits ``5 x cosine`` (``KAPPA: 5``). The
     Segmenter files (``cast-segmenter``) were trained with the segmentation code's pooling: stem
     features upsampled bilinearly to the label map and the position table resized bicubically
-    over the image (``TOKEN_POOL_MODE: bilinear``, ``POS_RESIZE: stretch``).
+    over the image (``TOKEN_POOL_MODE: bilinear``, ``POS_RESIZE: stretch``), on SEEDS superpixels
+    of the wrapped image ``(uint8 * 255) mod 256`` (``SUPERPIXEL.SEEDS_INPUT: released_segmenter``).
 
     Per layout: the classifier ``head`` of ``cast-deit`` / ``cast-lincls`` becomes a part; the
     MoCo projector ``head.*`` of ``cast-moco`` / ``cast-seg-moco`` and the unused 1000-class
@@ -231,6 +232,9 @@ def convert_cast_state_dict(sd: Mapping[str, torch.Tensor], fmt: str = "cast-moc
     if fmt == "cast-segmenter":
         trained_with["MODEL.CAST.TOKEN_POOL_MODE"] = "bilinear"
         trained_with["MODEL.CAST.POS_RESIZE"] = "stretch"
+        # the released Segmenter code runs SEEDS on (uint8 image * 255) mod 256, in training and
+        # in evaluation (cast.superpixels module docstring)
+        trained_with["MODEL.CAST.SUPERPIXEL.SEEDS_INPUT"] = "released_segmenter"
     not_held = []
     if "norm.weight" not in out and "norm.bias" not in out:
         not_held = ["norm.weight", "norm.bias"]
