@@ -334,3 +334,18 @@ def test_released_segmenter_seeds_input(tmp_path):
     assert np.array_equal(ours, ref)
     plain = compute_superpixels(image, SuperpixelConfig(**{**sp_cfg.__dict__, "seeds_input": "rgb"}))
     assert not np.array_equal(ours, plain)
+
+
+def test_moco_conv_stem_vit_is_refused_with_the_reason(tmp_path):
+    """The authors' MoCo-v3 ViT baselines (``-a vit_conv_small``: a convolutional stem,
+    ``patch_embed.proj.{0..12}``, then 11 blocks) do not fit our linear-patch ViT: one line says why."""
+    from cast.checkpoint import CheckpointConversionError, convert_checkpoint
+
+    sd = {"module.base_encoder.patch_embed.proj.0.weight": torch.zeros(8, 3, 3, 3),
+          "module.base_encoder.patch_embed.proj.12.weight": torch.zeros(64, 64, 1, 1),
+          "module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(192, 64),
+          "module.base_encoder.cls_token": torch.zeros(1, 1, 64)}
+    src = tmp_path / "checkpoint_0099.pth.tar"
+    torch.save({"epoch": 100, "arch": "vit_conv_small", "state_dict": sd}, src)
+    with pytest.raises(CheckpointConversionError, match="convolutional stem .* cannot be converted"):
+        convert_checkpoint(str(src))

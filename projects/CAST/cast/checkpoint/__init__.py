@@ -25,8 +25,7 @@ Layouts read (command line: ``tools/convert_cast_checkpoint.py``):
   epoch, model_ema, scaler, args}; ``args`` is an ``argparse.Namespace``, allowed explicitly in a
   ``weights_only`` load (nothing else is unpickled). Its learned ``pos_embed`` (1, 1+HW, D) is
   split into ``pe_token`` and a (1, HW, D) grid: the model needs ``MODEL.CAST.POS_EMBED: learned``.
-* ``dino`` / ``timm-vit``: plain ViT state dicts (also the authors' MoCo-v3 ViT-S / ViT-B
-  ``checkpoint_0099.pth.tar``, whose ``module.base_encoder.*`` is a timm ViT) (``cls_token``, ``pos_embed``,
+* ``dino`` / ``timm-vit``: plain ViT state dicts (``cls_token``, ``pos_embed``,
   ``patch_embed.proj``, ``blocks.i.*``, ``norm``; ``.pth`` or ``.safetensors``) for
   :class:`hiseg.modeling.ViTBackbone`, whose transformer sits at ``backbone.vit.*``.
 
@@ -35,7 +34,9 @@ CAST renames: ``patch_embed.proj.N`` -> ``stem.proj.N``, ``pool{k}.pool_block.X`
 converted state dict is checked against a freshly built encoder of the inferred size (missing /
 unexpected keys, shapes), so a file that converts also loads. Heads and the block fusion are
 *parts*: written where the target model has the same module (``--config-file``), reported
-otherwise.
+otherwise. The authors' MoCo-v3 ViT baselines (``vit_conv_small`` / ``vit_conv_base``: a
+convolutional stem before 11 blocks) are refused with that reason: our ViT has a linear patch
+embedding.
 
 Modules: :mod:`.common` (formats, result types, key checks), :mod:`.reading` (files, layout
 detection), :mod:`.cast_weights` (the CAST encoder), :mod:`.released_heads` (block fusion,

@@ -44,8 +44,6 @@ def _vit_candidates(obj: Mapping) -> Optional[Dict[str, torch.Tensor]]:
         if not _is_state_dict(inner):
             continue
         sd = _strip_common_prefix(inner, "module.")
-        if any(k.startswith("base_encoder.") for k in sd):  # MoCo-v3 ViT: the base encoder
-            sd = {k[len("base_encoder."):]: v for k, v in sd.items() if k.startswith("base_encoder.")}
         if any(k.startswith("backbone.") for k in sd):  # DINO full checkpoint: backbone + head
             sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         if _looks_vit(sd):
@@ -59,6 +57,12 @@ def detect_format(obj: Any, path: Optional[str] = None) -> str:
         raise CheckpointConversionError(f"unknown checkpoint layout: expected a dict, got {type(obj).__name__}")
     sd = obj.get("state_dict")
     if _is_state_dict(sd) and any(k.startswith(_MOCO_PREFIXES) for k in sd):
+        if any(k.endswith("base_encoder.patch_embed.proj.0.weight") for k in sd) and \
+                not any(".pool_block." in k for k in sd):
+            raise CheckpointConversionError(
+                f"{path or 'this file'} is a MoCo-v3 ViT with a convolutional stem (moco-v3 vit_conv_small / "
+                f"vit_conv_base: 'patch_embed.proj.0..12' convolutions before the blocks); our ViT backbone "
+                f"(hiseg.modeling.ViTBackbone) has a linear patch embedding, so it cannot be converted")
         if _looks_cast(sd.keys()):
             return "cast-seg-moco" if any(".block_fusion." in k for k in sd) else "cast-moco"
     elif _is_state_dict(sd) and _looks_cast(_strip_common_prefix(sd, "module.")):

@@ -34,6 +34,16 @@ __all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES", "POS_RESIZE_
 #   "mask":   our option. It is masked out of all of these, as if it did not exist.
 # Either way, tokens that only pad a batch (labels beyond an image's own count) are masked, so an
 # image gives the same result alone or in a batch.
+# Token count: an image makes max(label) + 1 tokens, from its full-resolution label map. The
+# released classification / MoCo code sizes its tokens by max(label) + 1 of the label maps
+# *after* the nearest resize to the stem grid, over the whole batch (segment_mean_nd; github
+# twke18/CAST ec85adf). Its batched evaluation (ImageNet, batches of 256) therefore gives every
+# image the batch's count, which equals ours whenever some image of the batch keeps its largest
+# label on the grid; run on one image alone, it makes fewer tokens when that image's largest
+# labels vanish on the grid (195 instead of 196 on some BSDS500 images), and the missing
+# all-zero tokens change its output. We keep the batch-independent count: it is the function
+# of the released batched evaluation, which made the published numbers
+# (tests/test_cast_released_reference.py::test_token_count_is_the_released_batched_count).
 EMPTY_TOKEN_MODES = ("attend", "mask")
 
 # How the position encodings reach the segments with bilinear token pooling (nearest pooling
