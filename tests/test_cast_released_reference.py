@@ -11,7 +11,9 @@ tensor operations in float64 (no module of ours), a sequential FPS loop, and the
 handling of a segment that vanishes in the nearest resize of the label map: an all-zero token
 (zero position encoding too) that takes part in the blocks' attention, in the centroid block's
 attention and token mean and in the pooling sums, left out only of FPS, whose padded entries are
-filled with the mean of the valid tokens.
+filled with the mean of the valid tokens. The number of tokens the released code makes depends
+on the batch (:func:`released_token_count`); the reference takes it as an argument, and
+``test_token_count_is_the_released_batched_count`` says which count ours equals.
 """
 import argparse
 import math

@@ -56,39 +56,6 @@ def merge_duplicate_blocks(sd: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, to
     return out, [len(groups[g]) for g in order]
 
 
-def _count_indices(keys, pattern) -> int:
-    idx = {int(m.group(1)) for m in map(pattern.match, keys) if m}
-    if idx and idx != set(range(len(idx))):
-        raise CheckpointConversionError(f"non-consecutive indices {sorted(idx)} for {pattern.pattern!r}")
-    return len(idx)
-
-
-def _require(sd, key, ndim=None):
-    if key not in sd:
-        raise CheckpointConversionError(f"missing key {key!r}; first keys {_first_keys(sd)}")
-    t = sd[key]
-    if ndim is not None and t.dim() != ndim:
-        raise CheckpointConversionError(f"{key!r} has shape {tuple(t.shape)}, expected {ndim} dimensions")
-    return t
-
-
-def _compare(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
-             optional=("num_batches_tracked",)) -> None:
-    missing = [k for k in expected if k not in converted and not k.endswith(optional)]
-    unexpected = [k for k in converted if k not in expected]
-    mismatched = [f"{k!r}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in converted if k in expected and tuple(converted[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:12]}{' ...' if len(missing) > 12 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
-    if mismatched:
-        problems.append("shape mismatch " + "; ".join(mismatched[:12]))
-    if problems:
-        raise CheckpointConversionError(f"{what}: " + "; ".join(problems))
-
-
 def _sincos_table(n: int, dim: int, row_first: bool) -> torch.Tensor:
     from ..modeling.stem import sincos_position_embedding
 
