@@ -14,7 +14,8 @@ Example::
     python datasets/prepare_cls_agnostic_coco.py            # COCO val2017, CutLER's path
     python datasets/prepare_cls_agnostic_coco.py --input a.json --output b.json
 
-A missing, invalid (truncated) or empty input JSON is one ``error:`` line, exit status 2.
+A missing, invalid (truncated) or empty input JSON, or an ``--output`` that cannot be written
+(a folder, a read-only place), is one ``error:`` line, exit status 2.
 """
 import argparse
 import os
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.cls_agnostic import FG_CATEGORY  # noqa: E402
-from hiseg.cli import script_main  # noqa: E402
+from hiseg.cli import ArgumentParser, check_output_file, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_write_json  # noqa: E402
 from hiseg.dataset_checks import read_json, require_files, require_input  # noqa: E402
 from hiseg.errors import InputError  # noqa: E402
@@ -49,7 +50,7 @@ def make_class_agnostic(coco: dict, show_progress: bool = True) -> dict:
 
 def parse_args(argv=None):
     root = os.environ.get("DETECTRON2_DATASETS", "datasets")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--input",
         default=os.path.join(root, "coco", "annotations", "instances_val2017.json"),
@@ -69,6 +70,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     require_input(args.input, LAYOUT, HOW, kind="file")
+    check_output_file(args.output, "--output")  # before reading the input (COCO's is large)
     coco = read_json(args.input, "COCO instances JSON")
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise InputError(f"{args.input}: not a COCO instances JSON (no 'images' list); {HOW}")

@@ -6,13 +6,16 @@ and the warn-skip-count bookkeeping of batch tools.
 prints ``error: <file>: <problem>; <what to do>`` on stderr and exits with status 2 (1 when a
 batch tool skipped some inputs), without a traceback.
 """
+import argparse
 import difflib
+import math
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, List, Optional, Sequence
 
-from .errors import ConfigError, InputError, SkippedInputsError, UserError
+from .errors import ConfigError, InputError, SkippedInputsError, UsageError, UserError
 
 __all__ = [
     "run_cli",
@@ -22,6 +25,11 @@ __all__ = [
     "config_keys",
     "nearest_keys",
     "Skipped",
+    "ArgumentParser",
+    "bounded",
+    "check_device",
+    "check_output_file",
+    "check_output_dir",
 ]
 
 
@@ -273,3 +281,119 @@ class Skipped:
     def finish(self, total: int) -> None:
         if self.items:
             raise SkippedInputsError(self.summary(total))
+
+
+# ------------------------------------------------------------------------------------------------
+# command-line arguments checked before any work: numbers in range, devices present, outputs writable
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are ONE line, ``error: argument --x: ...;
+    see prog --help`` on stderr, exit status 2 (argparse prints the whole usage first, which for
+    a tool with many options buries the line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(str(message).split())}; see {self.prog} --help\n")
+
+
+def bounded(kind: type = int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    """An argparse ``type=`` that converts with ``kind`` (``int`` or ``float``) and accepts only
+    values in the range from ``lo`` to ``hi`` (``None``: unbounded; ``*_open``: that end
+    excluded). A value out of range is argparse's one ``error: argument --x: ...`` line, exit
+    status 2, e.g. ``bounded(int, 1)`` for a count, ``bounded(float, -1, 1, hi_open=True)`` for a
+    cosine threshold that an edge must exceed. Non-finite floats are refused."""
+    noun = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        rng = f"{'<' if hi_open else '<='} {hi:g}"
+    else:
+        rng = ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}" + (f" (give one {rng})" if rng else ""))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {noun} {rng}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def check_device(device, flag: str = "--device"):
+    """``torch.device(device)`` if this machine has it, else :class:`UsageError` (exit status 2)
+    with the fix: an unknown name, CUDA without a CUDA device, ``cuda:N`` beyond the devices."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"{flag} {device}: not a device name ({one_line(e)}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"{flag} {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"{flag} {device}: MPS is not available on this machine; use {flag} cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"{flag} {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+    return dev
+
+
+def _existing_ancestor(path: str) -> str:
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return folder
+
+
+def _check_can_create_in(folder: str, flag: str, path: str) -> None:
+    """``folder`` (made when missing) can hold new files: its nearest existing ancestor is a
+    folder in which a file can really be created (a probe file, removed at once; permission bits
+    alone do not tell, e.g. for root or a read-only mount)."""
+    base = _existing_ancestor(folder)
+    if not os.path.isdir(base):
+        raise UsageError(f"{flag} {path}: {base} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=base)
+    except OSError as e:
+        reason = e.strerror or one_line(e)
+        raise UsageError(f"{flag} {path}: cannot write in {base} ({reason}); choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path, flag: str = "--output") -> str:
+    """Check, before any work, that the file ``path`` can be written (its folder exists or can be
+    made, a file can be created there, ``path`` is not a folder nor a read-only file); else
+    :class:`UsageError` naming ``flag``. Nothing is left behind. Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name (a path inside it, or another one)")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file exists and is read-only; choose another path or make it writable")
+    _check_can_create_in(os.path.dirname(os.path.abspath(path)), flag, path)
+    return path
+
+
+def check_output_dir(path, flag: str = "--output") -> str:
+    """Check, before any work, that ``path`` is (or can be made) a folder in which files can be
+    written; else :class:`UsageError` naming ``flag``. Nothing is made. Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
+    _check_can_create_in(path, flag, path)
+    return path

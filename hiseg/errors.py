@@ -11,6 +11,7 @@ a worker as ``type(e)(text)``, and this keeps the type (and so the one-line repo
 
 __all__ = [
     "UserError",
+    "UsageError",
     "ConfigError",
     "CheckpointError",
     "InputError",
@@ -24,6 +25,11 @@ class UserError(Exception):
     """A bad input, reported as one line with exit status :attr:`exit_code` (2)."""
 
     exit_code = 2
+
+
+class UsageError(UserError):
+    """A bad command-line argument: an output path that cannot be written, a device this machine
+    lacks, a value out of range, flags that exclude each other."""
 
 
 class ConfigError(UserError):

@@ -27,6 +27,7 @@ __all__ = [
     "check_image_file",
     "verify_image",
     "read_image",
+    "image_size",
     "image_problem",
     "ImageCheckingMapper",
     "describe_file_start",
@@ -185,11 +186,68 @@ def verify_image(path: str) -> Tuple[int, int]:
         im.close()
 
 
-def read_image(path: str, format: str = "RGB") -> np.ndarray:
-    """The pixels of ``path`` as detectron2's ``read_image`` gives them (EXIF orientation
-    applied; ``format`` "RGB", "BGR", "L", ...), after the checks of :func:`verify_image`.
-    RGB / BGR arrays are HxWx3 uint8."""
+def _scaled_to_uint8(im, path: str) -> np.ndarray:
+    """The samples of a PIL image with more than 8 bits per sample (modes ``I;16*``, ``I``,
+    ``F``) as an HxW uint8 array, by what the mode means, never by the image's own range:
+
+    * ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` (16-bit grey PNG / TIFF / PGM): ``round(v / 257)``,
+      so 65535 -> 255 and 8-bit data stored as ``v * 257`` comes back exactly;
+    * ``I`` (32-bit integer samples): 16-bit data as above when every value lies in
+      ``[0, 65535]`` (how some decoders hand over 16-bit files), else mapped linearly from the
+      image's [min, max] to [0, 255] (there is no fixed white for signed 32-bit data);
+    * ``F`` (32-bit float): ``[0, 1]`` data times 255 when every value lies in ``[0, 1]``, else
+      taken as ``[0, 255]`` and clipped (the convention of ``cast.superpixels.to_rgb_uint8``).
+
+    PIL's own ``convert("RGB")`` clips such samples at 255 instead, which makes a typical 16-bit
+    photograph almost entirely white."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise InputError(f"{path}: floating-point image with NaN or infinite pixels; re-export it")
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 1.0 and float(arr.min()) >= 0.0 else 1.0
+        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    arr = arr.astype(np.int64)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if im.mode.startswith("I;16") or (lo >= 0 and hi <= 65535):
+        return ((arr * 2 + 257) // 514).astype(np.uint8)  # round(v / 257), half up
+    span = max(hi - lo, 1)
+    return ((arr - lo) * 255 // span).astype(np.uint8)
+
+
+def _to_array(im, path: str, format: Optional[str]) -> np.ndarray:
+    """``im`` (EXIF-oriented) as detectron2's ``convert_PIL_to_numpy(im, format)`` would give
+    it, except that samples wider than 8 bits are scaled (:func:`_scaled_to_uint8`) and a
+    palette image with transparency goes through RGBA (as PIL asks)."""
     from detectron2.data.detection_utils import convert_PIL_to_numpy
+
+    if format in ("RGB", "BGR", "L") and (im.mode.startswith("I") or im.mode == "F"):
+        grey = _scaled_to_uint8(im, path)
+        if format == "L":
+            return grey[:, :, None]
+        return np.repeat(grey[:, :, None], 3, axis=2)  # grey: RGB and BGR alike
+    if format is not None and im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    try:
+        return convert_PIL_to_numpy(im, format)
+    except ValueError as e:  # a mode PIL cannot convert (e.g. LAB -> RGB)
+        raise InputError(f"{path}: image mode {im.mode} cannot be converted to {format} ({e}); "
+                         f"re-export it as RGB") from None
+
+
+def read_image(path: str, format: str = "RGB") -> np.ndarray:
+    """The pixels of ``path`` after the checks of :func:`verify_image`: THE image reader of the
+    tools and the project's mappers, so that every one sees the same pixels of a file.
+
+    * EXIF orientation is applied (as detectron2's ``read_image``, and as cameras mean it);
+    * ``format`` "RGB" / "BGR" give HxWx3 uint8, "L" HxWx1 uint8, whatever the file's mode:
+      grey (``1``, ``L``), grey + alpha (``LA``), palette (``P``, ``PA``, with or without
+      transparency), ``RGBA`` (alpha dropped), ``CMYK``, ``YCbCr``, and 16-bit / 32-bit
+      integer or float grey (``I;16``, ``I``, ``F``), which is scaled to 8 bits by what the
+      mode means (:func:`_scaled_to_uint8`) instead of PIL's clipping at 255;
+    * ``format=None`` gives the stored samples unchanged (label maps).
+    """
     from PIL import ImageOps
 
     path = os.fspath(path)
@@ -199,12 +257,27 @@ def read_image(path: str, format: str = "RGB") -> np.ndarray:
             oriented = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001  (a damaged EXIF block: keep the stored orientation)
             oriented = im
-        arr = convert_PIL_to_numpy(oriented, format)
+        arr = _to_array(oriented, path, format)
     finally:
         im.close()
     if arr.size == 0:
         raise _zero_size(path, (arr.shape[1] if arr.ndim > 1 else 0, arr.shape[0]))
     return arr
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """``(height, width)`` of ``path`` as :func:`read_image` gives its pixels (EXIF orientation
+    5-8 swaps the stored sides), from the header only; for the ``height`` / ``width`` that
+    dataset records carry (detectron2 checks them against the decoded image)."""
+    from PIL import Image
+
+    with Image.open(os.fspath(path)) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001  (a damaged EXIF block: read_image keeps the stored orientation)
+            orientation = 1
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 def image_problem(path) -> Optional[InputError]:

@@ -274,19 +274,21 @@ def parts_table(name, device_name, part_times, enc, sp_time, m0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    from hiseg.cli import ArgumentParser, bounded, check_device, check_output_file
+
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=bounded(int, 1), default=64)
+    ap.add_argument("--size", type=bounded(int, 1), default=224)
+    ap.add_argument("--iters", type=bounded(int, 1), default=5, help="timed iterations (median reported)")
+    ap.add_argument("--warmup", type=bounded(int, 0), default=2)
     ap.add_argument("--devices", nargs="+", default=None,
                     help="default: cpu, plus cuda when available")
     ap.add_argument("--models", nargs="+", choices=sorted(SIZES), default=["S", "B"])
-    ap.add_argument("--num-superpixels", type=int, default=196)
-    ap.add_argument("--sp-workers", type=int, default=0,
+    ap.add_argument("--num-superpixels", type=bounded(int, 1), default=196)
+    ap.add_argument("--sp-workers", type=bounded(int, 0), default=0,
                     help="processes computing SEEDS (0 = sequential in this process)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--threads", type=bounded(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="batch 4, 2 timed iterations, 1 warm-up")
     ap.add_argument("--save", default="", help="also write the tables (markdown) here")
     args = ap.parse_args(argv)
@@ -296,8 +298,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for d in devices:
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"device {d}: CUDA is not available here")
+        check_device(d, "--devices")  # UsageError: one line, exit status 2
+    if args.save:
+        check_output_file(args.save, "--save")
 
     from cast.superpixels import SuperpixelConfig
     from detectron2.config import get_cfg

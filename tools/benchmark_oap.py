@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from hiseg.cli import ArgumentParser, bounded
 from oap.pooling import MaskCutConfig, OAPConfig, maskcut, oap_fast, oap_reference
 
 
@@ -99,13 +100,13 @@ def counts(results):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, nargs=2, default=(56, 56), metavar=("H", "W"))
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--num-images", type=int, default=4, help="images for the fast OAP rows")
-    ap.add_argument("--ref-images", type=int, default=1, help="images for the reference row")
-    ap.add_argument("--maskcut-images", type=int, default=2, help="images for the MaskCut row")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=bounded(int, 1), nargs=2, default=(56, 56), metavar=("H", "W"))
+    ap.add_argument("--dim", type=bounded(int, 1), default=768)
+    ap.add_argument("--num-images", type=bounded(int, 1), default=4, help="images for the fast OAP rows")
+    ap.add_argument("--ref-images", type=bounded(int, 1), default=1, help="images for the reference row")
+    ap.add_argument("--maskcut-images", type=bounded(int, 1), default=2, help="images for the MaskCut row")
+    ap.add_argument("--threads", type=bounded(int, 0), default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:

@@ -75,12 +75,11 @@ def main(argv=None):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from hiseg.cli import merge_config
+    from hiseg.cli import check_device, merge_config
     from hiseg.engine import build_hiseg_optimizer
     from hiseg.setup import add_all_configs
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")
+    check_device(args.device)  # UsageError: one line, exit status 2
     cfg = add_all_configs(get_cfg())
     merge_config(cfg, args.config_file, list(args.opts))  # a bad file / key: one line, status 2
     cfg.MODEL.DEVICE = args.device

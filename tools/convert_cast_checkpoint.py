@@ -14,6 +14,9 @@
     python tools/convert_cast_checkpoint.py --input ... --output ... --config-file CFG [KEY VALUE ...]
         # builds CFG's model, takes the prefix from it, checks every tensor fits before writing
 
+A missing or unreadable ``--input``, weights of another layout, or an ``--output`` that cannot
+be written (checked first) is one ``error:`` line with exit status 2.
+
 Checkpoints are read with torch's weights_only unpickler (only argparse.Namespace is allowed
 besides tensors and containers); .safetensors files are read with the safetensors package.
 """
@@ -27,8 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     from cast.checkpoint import FORMATS, MODELS
+    from hiseg.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="released checkpoint (.pth, .pth.tar, .safetensors)")
     p.add_argument("--output", required=True, help="Detectron2 checkpoint to write (.pth)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="layout of --input (default: detect)")
@@ -72,9 +76,10 @@ def main(argv=None):
     from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
                                  describe_needed_config, find_prefix, parts_for_model,
                                  save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
-    from hiseg.cli import one_line
+    from hiseg.cli import check_output_file, one_line
     from hiseg.errors import UserError
 
+    check_output_file(args.output, "--output")  # UsageError: one line, exit status 2, before reading
     img_size = None
     if args.img_size:
         if len(args.img_size) > 2:
@@ -106,9 +111,9 @@ def main(argv=None):
     except UserError as e:  # a bad --config-file or override (hiseg.cli.merge_config)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (CheckpointConversionError, FileNotFoundError) as e:
+    except (CheckpointConversionError, FileNotFoundError) as e:  # a missing / bad --input: usage error
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return 2
     save_detectron2_checkpoint(data, args.output)
     print(f"wrote {len(data['model'])} tensors under {prefix!r} to {args.output}")
     return 0

@@ -20,12 +20,14 @@ model's class-agnostic instances (``--score-threshold``), semantic clusters and 
 The CAST model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEIGHTS`` into the encoder
 when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint). Without weights
 the model is randomly initialised: its hierarchy then only reflects superpixel colours and
-positions. Images are read with OpenCV (PIL as fall-back), converted to RGB uint8 (grey, alpha,
-16-bit, float) and downscaled to ``--max-size`` on their long side. Every file is first decoded
-completely with truncation refused (``hiseg.image_io.verify_image``): a missing, empty, truncated,
-zero-size or non-image file is reported as a warning with its name and skipped, the others still
-run, the summary counts the skipped ones, and the exit status is 1. A bad config file / key or
-weights file is one ``error:`` line with exit status 2 (``hiseg.cli.run_cli``).
+positions. Images are read by ``hiseg.image_io.read_image``, the reader of every tool (EXIF
+orientation applied; grey, alpha, palette, CMYK and 16-bit images as RGB uint8, 16-bit scaled
+by 1/257), and downscaled to ``--max-size`` on their long side. Every file is decoded completely
+with truncation refused: a missing, empty, truncated, zero-size or non-image file is reported as
+a warning with its name and skipped, the others still run, the summary counts the skipped ones,
+and the exit status is 1. A bad config file / key or weights file, a ``--device`` this machine
+lacks or an ``--output`` folder that cannot be written is one ``error:`` line with exit status 2
+(``hiseg.cli.run_cli``), before any model is built.
 """
 import argparse
 import glob
@@ -38,9 +40,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from hiseg.cli import merge_config, run_cli  # noqa: E402
+from hiseg.cli import ArgumentParser, bounded, check_device, check_output_dir, merge_config, run_cli  # noqa: E402
 from hiseg.errors import CheckpointError  # noqa: E402
-from hiseg.image_io import InputError, verify_image  # noqa: E402
+from hiseg.image_io import InputError, read_image  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
@@ -69,31 +71,6 @@ def expand_inputs(patterns):
         else:
             items.append((pat, pat))  # existence is checked when read, with a clear message
     return items, errors
-
-
-def read_image(path: str) -> np.ndarray:
-    """The file's pixels as an array (any channels / depth), RGB(A) channel order."""
-    import cv2
-
-    verify_image(path)  # missing / empty / truncated / zero-size / not an image: InputError
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is not None and img.size:
-        if img.ndim == 3 and img.shape[2] == 3:
-            img = img[:, :, ::-1]
-        elif img.ndim == 3 and img.shape[2] == 4:
-            img = img[:, :, [2, 1, 0, 3]]
-        return img
-    try:  # formats OpenCV lacks (some GIF / TIFF variants)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(im).astype(np.uint16)
-            if im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            return np.asarray(im)
-    except Exception as e:  # noqa: BLE001  (any decoder failure means "not an image")
-        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def skimage_image(name: str) -> np.ndarray:
@@ -306,7 +283,7 @@ def process(backbone, name, img, args, stem):
 
 
 def get_parser():
-    ap = argparse.ArgumentParser(description="CAST hierarchy pictures (Fig. 5 style) or OAP pseudo-mask and "
+    ap = ArgumentParser(description="CAST hierarchy pictures (Fig. 5 style) or OAP pseudo-mask and "
                                              "universal segmentation pictures (OAPSegmentor configs).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
@@ -316,12 +293,12 @@ def get_parser():
     ap.add_argument("--output", default=os.path.join("output", "demo"), help="output folder")
     ap.add_argument("--save-labels", action="store_true",
                     help="also write each level's label map (16-bit PNG) and an NPZ with all levels")
-    ap.add_argument("--max-size", type=int, default=640,
+    ap.add_argument("--max-size", type=bounded(int, 0), default=640,
                     help="downscale images to this long side for the model and the pictures (0 = never)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     ap.add_argument("--color", choices=("mean", "palette"), default="mean",
                     help="fill segments with their mean colour or a palette colour")
-    ap.add_argument("--columns", type=int, default=3, help="panels per row")
+    ap.add_argument("--columns", type=bounded(int, 1), default=3, help="panels per row")
     ap.add_argument("--score-threshold", type=float, default=0.5,
                     help="OAP: instances drawn when their score is at least this")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (no weights)")
@@ -338,8 +315,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_device(args.device)  # UsageError: one line, exit status 2
+    check_output_dir(args.output)
     torch.manual_seed(args.seed)
     cfg = setup_cfg(args.config_file, args.opts)
     if is_oap(cfg):
@@ -361,7 +338,7 @@ def main(argv=None) -> int:
     for name, (kind, src) in jobs:
         stem = unique_stem(("skimage_" + src) if kind == "skimage" else src, used)
         try:
-            img = read_image(src) if kind == "file" else skimage_image(src)
+            img = read_image(src, "RGB") if kind == "file" else skimage_image(src)
             run_one(name, img, stem)
             done += 1
         except InputError as e:  # a bad image file: warn, skip, count

@@ -46,10 +46,14 @@ detectron2's COCOEvaluator against ``--gt`` (a registered dataset or a COCO JSON
 ``--dataset`` itself, or ``cls_agnostic_coco`` for ``coco_2017_val`` when its file exists), all
 categories collapsed into one; the metrics also go to ``<output>_eval.json``.
 
-Exit status: 0; 1 when some images could not be read (each is a warning naming the file and the
-problem: missing, empty, truncated, zero-size, not an image; the others are written and the
-summary counts them); 2 on bad arguments / inputs (one ``error:`` line, nothing written): a
-config file or key, a weights file that is not a checkpoint or of another model, a dataset.
+Images are read by ``hiseg.image_io.read_image`` (EXIF orientation, any PIL mode, 16-bit scaled
+by 1/257). Exit status: 0; 1 when some images could not be read or processed (each is a warning
+naming the file and the problem: missing, empty, truncated, zero-size, not an image, out of
+memory; the others are written and the summary counts them); 2 on bad arguments / inputs, before
+any image is processed (one ``error:`` line, nothing written): a config file or key, a weights
+file that is not a checkpoint or of another model, a dataset, a ``--device`` this machine lacks,
+an ``--output`` / ``--annotations-out`` / ``--vis-dir`` that cannot be written, a threshold
+outside [-1, 1).
 """
 import argparse
 import contextlib
@@ -73,8 +77,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hiseg.cli import one_line  # noqa: E402
-from hiseg.errors import UserError  # noqa: E402
+from hiseg.cli import ArgumentParser, bounded, check_device, check_output_dir, check_output_file, one_line  # noqa: E402
+from hiseg.errors import UsageError, UserError  # noqa: E402
 from hiseg.image_io import InputError, read_image  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -91,10 +95,6 @@ def random_init_warning(what: str, fix: str) -> str:
     return (f"\n{bar}\nWARNING: {what} is RANDOMLY INITIALISED (no pretrained weights). Its features carry no\n"
             f"semantics, so these pseudo-masks (and any AP computed from them) only test the pipeline.\n"
             f"{fix}\n{bar}")
-
-
-class UsageError(UserError):
-    """Bad arguments or inputs; reported as ``error: ...`` with exit status 2."""
 
 
 def warn(msg: str) -> None:
@@ -480,7 +480,7 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
 def parse_args(argv=None):
     from oap.pseudo_label_io import DEFAULT_MAX_AREA_FRACTION, DEFAULT_MAX_PER_IMAGE, SCORES
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="OAP / MaskCut pseudo-masks as COCO-format results (tools/generate_pseudo_masks.py)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--method", choices=("oap", "maskcut"), default="oap")
@@ -521,13 +521,17 @@ def parse_args(argv=None):
 
     g = ap.add_argument_group("generator")
     g.add_argument("--impl", choices=("fast", "reference"), default="fast", help="OAP implementation")
-    g.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.7, 0.6, 0.5, 0.4], help="OAP tau_t")
+    g.add_argument("--thresholds", type=bounded(float, -1, 1, hi_open=True), nargs="+",
+                   default=[0.8, 0.7, 0.6, 0.5, 0.4],
+                   help="OAP tau_t, in [-1, 1): the similarity of Eq. 4 lies in [-1, 1] and an edge merges "
+                        "when it is above tau_t")
     g.add_argument("--phi", type=int, default=5, help="OAP minimum mask area (tokens)")
     g.add_argument("--sigma", type=float, default=0.07, help="OAP vote temperature")
     g.add_argument("--w-f", type=float, default=0.6)
     g.add_argument("--w-s", type=float, default=0.4)
     g.add_argument("--vote-normalize", action="store_true", help="OAP Eq. 6 divided by the mask area")
-    g.add_argument("--maskcut-tau", type=float, default=0.15)
+    g.add_argument("--maskcut-tau", type=bounded(float, -1, 1, hi_open=True), default=0.15,
+                   help="MaskCut affinity threshold on the cosine, in [-1, 1)")
     g.add_argument("--num-masks", type=int, default=3, help="MaskCut cuts per image")
 
     o = ap.add_argument_group("output")
@@ -609,6 +613,13 @@ def run(args) -> int:
         results_to_coco_dataset, atomic_write_json, write_results,
     )
 
+    # arguments that would fail only at the end: checked before any work (one line, exit status 2)
+    device = check_device(args.device)
+    output = check_output_file(args.output or default_output(args), "--output")
+    if args.annotations_out:
+        check_output_file(args.annotations_out, "--annotations-out")
+    if args.vis_dir:
+        check_output_dir(args.vis_dir, "--vis-dir")
     generator, num_layers, kinds = build_generator_from_args(args)
     try:
         levels = resolve_levels(parse_level_specs(args.levels), num_layers, kinds, method=args.method)
@@ -616,8 +627,6 @@ def run(args) -> int:
         raise UsageError(f"--levels: {e}") from e
     items = items_from_dataset(args) if args.dataset else items_from_images(args)
     gt = resolve_gt(args)
-    output = args.output or default_output(args)
-    device = torch.device(args.device)
     source = build_source(args)
     (source.backbone if isinstance(source, Detectron2FeatureSource) else source.model).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -638,36 +647,56 @@ def run(args) -> int:
                 file=sys.stderr, dynamic_ncols=True)
     batch: list = []
 
+    def skip(file_name: str, e: Exception) -> None:
+        """An image that could not be processed (e.g. too large for this machine's memory):
+        warned about now, counted in the summary; the other images go on."""
+        failures.append(f"{file_name}: could not be processed ({type(e).__name__}: {one_line(e)[:300]})")
+        pbar.write(f"warning: {failures[-1]}; skipped", file=sys.stderr)
+
     def flush():
         if not batch:
             return
-        x = torch.stack([b[2] for b in batch]).to(device)
-        sync()
-        t0 = time.perf_counter()
-        feats = source(x)
-        sync()
-        t1 = time.perf_counter()
-        pseudo = generator(feats)
-        sync()
-        t2 = time.perf_counter()
+        try:
+            x = torch.stack([b[2] for b in batch]).to(device)
+            sync()
+            t0 = time.perf_counter()
+            feats = source(x)
+            sync()
+            t1 = time.perf_counter()
+            pseudo = generator(feats)
+            sync()
+            t2 = time.perf_counter()
+            tokens = flatten_normalized(feats)[0] if args.score == "coherence" else None
+        except (RuntimeError, MemoryError) as e:  # out of memory for this batch: its images are skipped
+            for item, *_ in batch:
+                skip(item.file_name, e)
+            pbar.update(len(batch))
+            batch.clear()
+            return
         seconds["features"] += t1 - t0
         seconds["generator"] += t2 - t1
-        tokens = flatten_normalized(feats)[0] if args.score == "coherence" else None
         for j, (item, img, _x, out_size) in enumerate(batch):
-            res = pseudo_masks_to_results(pseudo[j], item.image_id, out_size, levels,
-                                          None if tokens is None else tokens[j], args.score, args.upsample,
-                                          unique=args.unique)
-            res = filter_results(res, args.max_area_fraction, args.max_per_image)
+            try:
+                res = pseudo_masks_to_results(pseudo[j], item.image_id, out_size, levels,
+                                              None if tokens is None else tokens[j], args.score, args.upsample,
+                                              unique=args.unique)
+                res = filter_results(res, args.max_area_fraction, args.max_per_image)
+                if args.vis_dir and len(vis_names) < args.max_vis:
+                    stem = os.path.splitext(os.path.basename(item.file_name))[0]
+                    name = stem if stem not in vis_names else f"{stem}_{item.image_id}"
+                    save_overlays(args.vis_dir, name, img, pseudo[j], levels, args.method, args.upsample,
+                                  args.vis_size)
+                    vis_names.add(name)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001  (one image must not cost the others their results)
+                skip(item.file_name, e)
+                continue
             results.extend(res)
             for r in res:
                 counts[(r["level"], r["layer"])] += 1
             images_meta.append({"id": item.image_id, "file_name": item.file_name,
                                 "height": int(out_size[0]), "width": int(out_size[1])})
-            if args.vis_dir and len(vis_names) < args.max_vis:
-                stem = os.path.splitext(os.path.basename(item.file_name))[0]
-                name = stem if stem not in vis_names else f"{stem}_{item.image_id}"
-                vis_names.add(name)
-                save_overlays(args.vis_dir, name, img, pseudo[j], levels, args.method, args.upsample, args.vis_size)
         pbar.update(len(batch))
         batch.clear()
 
@@ -686,7 +715,12 @@ def run(args) -> int:
                  f"{out_size[1]}x{out_size[0]}; masks are written at the recorded size")
             size_warned = True
         size = target_size(img.shape[0], img.shape[1], args.input_size, source.multiple, args.keep_aspect)
-        x = preprocess(img, size, source.mean, source.std, source.bgr)
+        try:
+            x = preprocess(img, size, source.mean, source.std, source.bgr)
+        except (RuntimeError, MemoryError) as e:
+            skip(item.file_name, e)
+            pbar.update(1)
+            continue
         if batch and (batch[0][2].shape != x.shape or len(batch) >= args.batch_size):
             flush()
         batch.append((item, img, x, out_size))
@@ -695,7 +729,8 @@ def run(args) -> int:
 
     done = len(images_meta)
     if done == 0:
-        print(f"error: none of the {len(items)} image(s) could be read; nothing written", file=sys.stderr)
+        print(f"error: none of the {len(items)} image(s) could be read or processed; nothing written",
+              file=sys.stderr)
         return 1
     write_results(output, results)
     print(f"wrote {len(results)} masks of {done} image(s) to {output}")
@@ -729,7 +764,8 @@ def run(args) -> int:
             "unique": bool(args.unique),
             "features": source.description, "metrics": metrics})
     if failures:
-        print(f"{len(failures)} image(s) could not be read and were skipped ({done} of {len(items)} written):\n  "
+        print(f"{len(failures)} image(s) could not be read or processed and were skipped ({done} of "
+              f"{len(items)} written):\n  "
               + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0

@@ -14,8 +14,10 @@ among the speed parts, which shrink their repetitions (or skip rows, marked so) 
 
 Report: ``--out``, default ``$OUT/gpu_check.md`` when ``$OUT`` is set, else
 ``output/gpu_check.md``; rewritten after every part and printed at the end.
-Exit status: 1 when a correctness row FAILs or any part raises (ERROR); 2 for bad arguments
-(e.g. ``--device cuda`` without CUDA); 0 otherwise. A missed speed goal never fails the run.
+``--out`` may name an existing folder: the report is then ``gpu_check.md`` inside it.
+Exit status: 1 when a correctness row FAILs or any part raises (ERROR); 2 for bad arguments,
+one ``error:`` line before any part runs (``--device cuda`` without CUDA, an ``--out`` that
+cannot be written); 0 otherwise. A missed speed goal never fails the run.
 
 ``--write-stamp PATH`` records the commit and the source fingerprint (for a copy of the checkout
 without ``.git``) and exits; ``tools/gpu_wheels.sh`` calls it.
@@ -47,12 +49,15 @@ def default_out() -> Path:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    from hiseg.cli import ArgumentParser, bounded
+
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--quick", action="store_true", help="tiny models and sizes (the CPU test of this script)")
-    ap.add_argument("--out", type=Path, default=None, help="report path (default: see above)")
-    ap.add_argument("--budget", type=float, default=None,
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report path, or an existing folder to write gpu_check.md in (default: see above)")
+    ap.add_argument("--budget", type=bounded(float, 0, lo_open=True), default=None,
                     help="wall-time budget in seconds from the start (default: full 400, quick 110)")
     ap.add_argument("--stamp", type=Path, default=DEFAULT_STAMP, help="commit stamp read where git is absent")
     ap.add_argument("--only", nargs="+", default=None,
@@ -77,20 +82,22 @@ def main(argv=None) -> int:
     from gpucheck import correctness, memory, speed
     from gpucheck.profiles import FULL, QUICK
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: --device cuda but CUDA is not available here (use --device cpu --quick)", file=sys.stderr)
-        return 2
+    from hiseg.cli import check_device, check_output_file
+    from hiseg.errors import UsageError
+
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cuda", "cpu"):
-        print(f"gpu_check: unsupported device {device}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--device {device}: gpu_check runs on cuda or cpu")
+    out = args.out or default_out()
+    if out.is_dir():  # a folder: the report goes inside it
+        out = out / "gpu_check.md"
+    check_output_file(out, "--out")  # UsageError: one line, exit status 2, before any part runs
     prof = QUICK if args.quick else FULL
     if args.quick and device.type == "cpu":
         # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (idle
         # OpenMP threads spin); the full profile keeps torch's default
         torch.set_num_threads(1)
     budget = common.Budget(args.budget or prof.budget_s, start=T0)
-    out = args.out or default_out()
     wanted = set(args.only or (list(CORRECTNESS_PARTS) + [p for p, _ in SPEED_PARTS]))
 
     t_init = time.perf_counter()
@@ -170,4 +177,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hiseg.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -38,7 +38,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import hiseg.data  # noqa: E402,F401
-from hiseg.cli import Skipped, run_cli  # noqa: E402
+from hiseg.cli import ArgumentParser, Skipped, bounded, check_output_dir, run_cli  # noqa: E402
 from hiseg.image_io import read_image  # noqa: E402
 
 
@@ -113,19 +113,20 @@ def load_final_cast(run_dir: str):
 def main(argv=None):
     from cast.experiments import cast_vs_vit
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap = ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--out", default="output/main_job")
-    ap.add_argument("--budget-minutes", type=float, default=4.0, help="training time per model (default 4)")
+    ap.add_argument("--budget-minutes", type=bounded(float, 0, lo_open=True), default=4.0, help="training time per model (default 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-images", type=int, default=None, help="BSDS500 val images to score (default all; "
+    ap.add_argument("--eval-images", type=bounded(int, 1), default=None, help="BSDS500 val images to score (default all; "
                                                                    "--quick: 2)")
-    ap.add_argument("--max-size", type=int, default=320, help="long side of the pictures' images")
-    ap.add_argument("--pictures", type=int, default=0, help="number of pictures to draw (0 = all 16)")
+    ap.add_argument("--max-size", type=bounded(int, 1), default=320, help="long side of the pictures' images")
+    ap.add_argument("--pictures", type=bounded(int, 0), default=0, help="number of pictures to draw (0 = all 16)")
     ap.add_argument("--quick", action="store_true", help="tiny models and seconds of training (tests)")
     ap.add_argument("--config-file", default=None, help="the CAST side (default: the experiment's small CAST)")
     ap.add_argument("--vit-config", default=None, help="the ViT side (default: the experiment's ViT)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for both models")
     args = ap.parse_args(argv)
+    check_output_dir(args.out, "--out")  # UsageError: one line, exit status 2, before any training
     setup_logger(name="hiseg")
     for name in ("detectron2", "d2", "fvcore"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -99,11 +99,9 @@ def load_bsds_ground_truth(mat_path) -> Tuple[List[np.ndarray], List[np.ndarray]
 
 
 def _image_size(path: str) -> Tuple[int, int]:
-    from PIL import Image
+    from hiseg.image_io import image_size
 
-    with Image.open(path) as im:
-        w, h = im.size
-    return h, w
+    return image_size(path)  # as read_image gives the pixels (EXIF orientation applied)
 
 
 def load_bsds500_dicts(name: str, image_dir, gt_dir, script: Optional[str] = SCRIPT) -> List[dict]:

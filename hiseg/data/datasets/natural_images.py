@@ -49,7 +49,7 @@ SOURCES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 
 def load_coco_images_unlabelled(coco_root) -> List[dict]:
     """Dicts of the ``*.jpg`` in ``<coco_root>/{train2017,val2017}`` (sorted), no annotations."""
-    from PIL import Image
+    from hiseg.image_io import image_size
 
     coco_root = Path(coco_root)
     out = []
@@ -58,8 +58,7 @@ def load_coco_images_unlabelled(coco_root) -> List[dict]:
         if not folder.is_dir():
             continue
         for p in sorted(folder.glob("*.jpg")):
-            with Image.open(p) as im:
-                w, h = im.size
+            h, w = image_size(p)  # EXIF orientation applied, as the mappers read it
             out.append({"file_name": str(p), "image_id": f"{split}/{p.stem}", "height": h, "width": w})
     if not out:
         raise missing(COCO_NAME, coco_root / "{train2017,val2017}" / "*.jpg", None, "no COCO images")

@@ -7,7 +7,7 @@ per image), for quick classification runs and tests.
 """
 import os
 
-from PIL import Image
+from hiseg.image_io import image_size
 
 from .common import register_lazy
 
@@ -28,8 +28,7 @@ def load_skimage_images():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        with Image.open(path) as im:
-            w, h = im.size
+        h, w = image_size(path)  # EXIF orientation applied, as the mappers read it
         out.append({"file_name": path, "image_id": i, "height": h, "width": w})
     if not out:
         raise FileNotFoundError(f"no scikit-image sample images found in {folder}")

@@ -33,8 +33,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from hiseg.engine.trainer import MAPPER_REGISTRY
+from hiseg.image_io import read_image
 
-from .superpixels import SuperpixelConfig, compute_superpixels, to_rgb_uint8
+from .superpixels import SuperpixelConfig, compute_superpixels
 
 __all__ = ["CASTClassificationMapper", "build_cls_transforms",
            "needs_superpixels"]
@@ -99,8 +100,7 @@ class CASTClassificationMapper:
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
-        with Image.open(d["file_name"]) as im:
-            img = Image.fromarray(to_rgb_uint8(np.asarray(im)))
+        img = Image.fromarray(read_image(d["file_name"], "RGB"))  # EXIF-oriented, 16-bit scaled
         arr = np.ascontiguousarray(np.asarray(self.transform(img), dtype=np.uint8))
         if self.superpixel_cfg is not None:  # after every augmentation: S_0 matches the pixels
             d["superpixels"] = torch.from_numpy(compute_superpixels(arr, self.superpixel_cfg))

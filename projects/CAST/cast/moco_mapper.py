@@ -19,8 +19,9 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from hiseg.engine.trainer import MAPPER_REGISTRY
+from hiseg.image_io import read_image
 
-from .superpixels import SuperpixelConfig, compute_superpixels, to_rgb_uint8
+from .superpixels import SuperpixelConfig, compute_superpixels
 
 __all__ = ["MoCoTwoViewMapper", "mapper_computes_superpixels"]
 
@@ -81,8 +82,7 @@ class MoCoTwoViewMapper:
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)
-        with Image.open(d["file_name"]) as im:
-            img = Image.fromarray(to_rgb_uint8(np.asarray(im)))
+        img = Image.fromarray(read_image(d["file_name"], "RGB"))  # EXIF-oriented, 16-bit scaled
         for k, tf in enumerate(self.views, start=1):
             view = np.ascontiguousarray(np.asarray(tf(img)))
             arr = view[:, :, ::-1] if self.image_format == "BGR" else view

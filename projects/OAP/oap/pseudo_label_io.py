@@ -250,16 +250,25 @@ def _first_occurrences(pseudo, levels: Sequence[Tuple[str, int]]) -> Dict[Tuple[
     return out
 
 
+#: masks x pixels upsampled at once by :func:`pseudo_masks_to_results`: 2^25 (about 0.25 GB of
+#: float32 interpolation output, bool masks and their uint8 copy for the RLE encoder)
+UPSAMPLE_PIXELS = 1 << 25
+
+
 def pseudo_masks_to_results(
     pseudo, image_id, image_size: Sequence[int], levels: Sequence[Tuple[str, int]],
     token_features: Optional[torch.Tensor] = None, score: str = "coherence",
-    upsample: str = "bilinear", chunk: int = 32, unique: bool = False,
+    upsample: str = "bilinear", chunk: Optional[int] = None, unique: bool = False,
+    max_pixels: Optional[int] = None,
 ) -> List[dict]:
     """COCO result entries for the chosen ``(kind, layer)`` levels of one image.
 
     Masks are brought from the feature grid to ``image_size = (H, W)`` (the original image) with
-    :meth:`MaskLevel.upsample` (``upsample``: ``bilinear`` or ``nearest``), ``chunk`` masks at a
-    time. Each entry gets ``level`` (kind), ``layer`` (index) and ``threshold`` (``tau_t`` of the
+    :meth:`MaskLevel.upsample` (``upsample``: ``bilinear`` or ``nearest``), as many masks at a
+    time as fit ``max_pixels`` image-size pixels (default :data:`UPSAMPLE_PIXELS`; at least one
+    mask; ``chunk``, if given, caps the count too). The memory of this step is thus bounded by
+    the image's pixels, not by the number of masks: each mask is upsampled on its own, so the
+    entries are the same whatever the grouping. Each entry gets ``level`` (kind), ``layer`` (index) and ``threshold`` (``tau_t`` of the
     layer; MaskCut: its affinity threshold). ``score``: ``coherence`` (needs ``token_features``,
     see :func:`coherence_scores`) or ``one`` (1.0, as CutLER's pseudo-labels). ``unique``: a mask
     equal on the feature grid to one already written for the same kind (a supernode that did not
@@ -271,6 +280,7 @@ def pseudo_masks_to_results(
     if score == "coherence" and token_features is None:
         raise ValueError("score='coherence' needs the token features")
     size = (int(image_size[0]), int(image_size[1]))
+    budget = int(UPSAMPLE_PIXELS if max_pixels is None else max_pixels)
     out: List[dict] = []
     keep = _first_occurrences(pseudo, levels) if unique else {}
     for kind, layer_idx in levels:
@@ -285,8 +295,9 @@ def pseudo_masks_to_results(
             scores = coherence_scores(level.masks.to(token_features.device), token_features).tolist()
         else:
             scores = [1.0] * k
-        for start in range(0, k, max(1, int(chunk))):
-            stop = start + chunk
+        step = max(1, min(int(chunk) if chunk else k, budget // (size[0] * size[1] or 1)))
+        for start in range(0, k, step):
+            stop = start + step
             big = level.select(slice(start, stop)).upsample(size, mode=upsample).cpu().numpy()
             out.extend(masks_to_results(big, image_id, scores[start:stop], level=kind,
                                         layer=int(layer_idx), threshold=float(layer.threshold)))

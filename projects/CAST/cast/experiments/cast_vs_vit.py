@@ -318,11 +318,10 @@ class _EvalInputs:
 
     def get(self, i: int):
         if i not in self._cache:
-            from cast.superpixels import compute_superpixels, to_rgb_uint8
-            from PIL import Image
+            from cast.superpixels import compute_superpixels
+            from hiseg.image_io import read_image
 
-            with Image.open(self.dicts[i]["file_name"]) as im:
-                img = _resize_long_side(to_rgb_uint8(np.asarray(im)), self.eval_size)
+            img = _resize_long_side(read_image(self.dicts[i]["file_name"], "RGB"), self.eval_size)
             img = np.ascontiguousarray(img)
             t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
             sp = torch.from_numpy(compute_superpixels(img, self.sp_cfg))

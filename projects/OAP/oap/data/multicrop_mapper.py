@@ -66,7 +66,7 @@ from detectron2.data import detection_utils as utils
 from torchvision.transforms import ColorJitter, InterpolationMode
 
 from hiseg.engine.trainer import MAPPER_REGISTRY
-from hiseg.image_io import InputError, check_image_file
+from hiseg.image_io import InputError, check_image_file, read_image
 
 __all__ = ["OAPMultiCropDatasetMapper", "sample_crop_box", "dino_photometric_augment",
            "COLOR_JITTER", "COLOR_JITTER_P", "GRAYSCALE_P", "BLUR_P", "BLUR_SIGMA", "SOLARIZE_P",
@@ -240,7 +240,7 @@ class OAPMultiCropDatasetMapper:
         except InputError as e:
             raise ValueError(str(e)) from e
         try:
-            image = utils.read_image(path, format="RGB")
+            image = read_image(path, format="RGB")  # hiseg.image_io: the one reader (EXIF, 16-bit)
         except Exception as e:  # PIL's errors for a file that is not an image
             raise ValueError(f"{path}: cannot be read as an image ({e})") from e
         utils.check_image_size(dataset_dict, image)  # SizeMismatchError is a ValueError

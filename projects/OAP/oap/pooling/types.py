@@ -50,6 +50,14 @@ class OAPConfig:
             raise ValueError("OAPConfig.phi must be >= 1")
         if self.w_f < 0 or self.w_s < 0:
             raise ValueError("OAPConfig.w_f and w_s must be non-negative")
+        # S = w_f S^f + w_s S^s (Eq. 4) with S^f a cosine and S^s = 1 - mean |P_i - P_j| (Eq. 3,
+        # P entries mean cosines), both in [-1, 1]: an edge merges when S > tau, so a tau at or
+        # above w_f + w_s merges nothing (0 masks) and one below -(w_f + w_s) merges everything.
+        top = self.w_f + self.w_s
+        bad = [t for t in self.thresholds if not -top <= t < top]
+        if bad:
+            raise ValueError(f"OAP thresholds {bad} lie outside [-{top:g}, {top:g}), the range of the similarity "
+                             f"w_f*S^f + w_s*S^s (Eq. 4) that an edge must exceed; give thresholds in it")
 
 
 @dataclass(frozen=True)
