@@ -247,6 +247,8 @@ def read_image(path: str, format: str = "RGB") -> np.ndarray:
       integer or float grey (``I;16``, ``I``, ``F``), which is scaled to 8 bits by what the
       mode means (:func:`_scaled_to_uint8`) instead of PIL's clipping at 255;
     * ``format=None`` gives the stored samples unchanged (label maps).
+
+    The array is writable (its own copy).
     """
     from PIL import ImageOps
 
@@ -262,7 +264,7 @@ def read_image(path: str, format: str = "RGB") -> np.ndarray:
         im.close()
     if arr.size == 0:
         raise _zero_size(path, (arr.shape[1] if arr.ndim > 1 else 0, arr.shape[0]))
-    return arr
+    return arr if arr.flags.writeable else arr.copy()  # PIL's buffer is read-only; callers may draw on it
 
 
 def image_size(path: str) -> Tuple[int, int]:
