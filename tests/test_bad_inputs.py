@@ -247,7 +247,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
                      ["--images", files / "good.jpg", files / "truncated.jpg", *TINY_VIT,
                       "--output", tmp_path / "masks.json"])
     assert rc == 1 and f"warning: {files / 'truncated.jpg'}: not a readable image: truncated image file" in se
-    assert "1 image(s) could not be read and were skipped (1 of 2 written)" in se
+    assert "1 image(s) could not be read or processed and were skipped (1 of 2 written)" in se
 
     # a prepare script: the unreadable label map is skipped and counted, the other one written
     ann = tmp_path / "ADE" / "annotations" / "validation"

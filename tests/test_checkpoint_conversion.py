@@ -305,12 +305,12 @@ def test_cli_fpn_prefix(tmp_path, capsys):
     assert "backbone.bottom_up.encoder." in capsys.readouterr().out
     assert torch.load(out2)["model"].keys() == torch.load(out)["model"].keys()
     assert _cli().main(["--input", path, "--output", str(tmp_path / "no.pth"), "--config-file", cfg_file,
-                        "MODEL.CAST.POS_EMBED", "learned"]) == 1
+                        "MODEL.CAST.POS_EMBED", "learned"]) == 2
     assert "missing keys ['backbone.bottom_up.encoder.pos_embed']" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "no.pth")
 
     torch.save({"foo": torch.zeros(1)}, path)
-    assert _cli().main(["--input", path, "--output", out]) == 1
+    assert _cli().main(["--input", path, "--output", out]) == 2
     assert "unknown checkpoint layout" in capsys.readouterr().err
 
 
