@@ -162,6 +162,15 @@ def test_demo_and_pseudo_masks_read_the_same_pixels(tools, files, tmp_path):
             assert np.array_equal(z["image"], read_image(files / name)), name
 
 
+def test_dataset_sizes_follow_exif(files):
+    """The height / width that dataset records carry (``hiseg.image_io.image_size``) are those of
+    the pixels the mappers read: an EXIF-rotated JPEG is 64 wide x 128 high, not 128 x 64."""
+    from hiseg.image_io import image_size
+
+    assert image_size(files / "rot6.jpg") == read_image(files / "rot6.jpg").shape[:2] == (128, 64)
+    assert image_size(files / "grey16.tif") == (128, 128)
+
+
 # ------------------------------------------------------------------------------------------------
 # 2, 5, 7. outputs checked before any work
 OUTPUT_ROWS = [  # (id, tool, argv); {bad} is a path inside a read-only place
