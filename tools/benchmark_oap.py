@@ -20,97 +20,84 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
+import glob
 import os
 import platform
-import time
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from hiseg.cli import ArgumentParser, bounded
-from oap.pooling import MaskCutConfig, OAPConfig, maskcut, oap_fast, oap_reference
+from hiseg.errors import UsageError
+from hiseg.threads import pinned_threads
+from oap.pooling import MaskCutConfig, OAPConfig, maskcut, oap_fast, oap_reference, uniap_fast
+from oap.pooling.benchmark import (
+    efficientnet_image_features, mask_counts as counts, random_features, same_partitions, structured_features,
+    time_interleaved, timed,
+)
 
 
-def random_features(n, c, h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g)
+def pools_line(pools=None) -> str:
+    from hiseg.threads import thread_pools
+
+    return "threads: " + ", ".join(f"{p['api']}/{p['library']} {p['num_threads']}" for p in (pools or thread_pools()))
 
 
-def structured_features(n, c, h, w, seed):
-    """Piecewise-smooth synthetic scenes with a hierarchy.
-
-    2-3 horizontal "stuff" bands and 3-6 rectangular objects of 2 parts each (the parts'
-    directions are their class direction plus a part-specific offset, so parts separate at high
-    thresholds and join at lower ones; objects may share a class), plus spatially smooth noise,
-    drawn independently for every region, and white noise.
-    """
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        classes = rng.standard_normal((8, c))
-        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-        dirs = [classes[k] for k in range(3)]            # stuff classes 0..2
-        labels = np.zeros((h, w), dtype=np.int64)
-        cuts = np.sort(rng.choice(np.arange(h // 5, h - h // 5), size=rng.integers(1, 3),
-                                  replace=False))
-        for k, r in enumerate(cuts):
-            labels[r:] = k + 1
-        for _ in range(rng.integers(3, 7)):              # objects of classes 3..7
-            cls = classes[rng.integers(3, 8)]
-            oh, ow = rng.integers(h // 8, h // 3, size=2)
-            r0, c0 = rng.integers(0, h - oh), rng.integers(0, w - ow)
-            split = r0 + oh // 2
-            for rows in (slice(r0, split), slice(split, r0 + oh)):
-                part = cls + 1.2 * rng.standard_normal(c) / np.sqrt(c)
-                dirs.append(part / np.linalg.norm(part))
-                labels[rows, c0:c0 + ow] = len(dirs) - 1
-        f = np.stack(dirs)[labels]                        # (h, w, c)
-        for k in np.unique(labels):
-            smooth = ndimage.gaussian_filter(rng.standard_normal((h, w, c)), (3.0, 3.0, 0))
-            f[labels == k] += (0.025 / smooth.std()) * smooth[labels == k]
-        f += 0.01 * rng.standard_normal((h, w, c))
-        out.append(torch.from_numpy(f.transpose(2, 0, 1)).float())
-    return torch.stack(out)
-
-
-def timed(fn, sync=None):
-    if sync:
-        sync()
-    t0 = time.perf_counter()
-    out = fn()
-    if sync:
-        sync()
-    return time.perf_counter() - t0, out
-
-
-def same_partitions(ra, rb):
-    for la, lb in zip(ra.layers, rb.layers):
-        for name in ("instance", "semantic"):
-            if not torch.equal(la.level(name).partition.cpu(), lb.level(name).partition.cpu()):
-                return False
-    return True
-
-
-def counts(results):
-    ins = np.mean([sum(len(lay.instance) for lay in r.layers) for r in results])
-    sem = np.mean([sum(len(lay.semantic) for lay in r.layers) for r in results])
-    return ins, sem
+def real(args):
+    """Interleaved timing on EfficientNet-Lite0 features of real images."""
+    paths = sorted({p for pat in args.images for p in (glob.glob(os.path.join(pat, "*.jpg"))
+                                                       if os.path.isdir(pat) else glob.glob(pat))})
+    if not paths:
+        raise UsageError(f"--images {' '.join(args.images)}: no image found")
+    paths = paths[:args.num_images]
+    try:
+        feats = efficientnet_image_features(paths, args.input_size, args.effnet_layers)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"EfficientNet-Lite0 features: {e}") from e
+    methods = {
+        "OAP Alg. 1 fast": lambda x: oap_fast(x, OAPConfig()),
+        "UniAP fast": lambda x: uniap_fast(x),
+        "MaskCut": lambda x: maskcut(x, MaskCutConfig()),
+    }
+    secs, outs, pools = time_interleaved(feats, methods, threads=args.threads)
+    print(f"{len(paths)} images, features {tuple(feats.shape[1:])}; {pools_line(pools)} (while timing); "
+          f"load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print()
+    print("| method | ms/img (mean) | ms/img (median) | MaskCut's time / row's | instance masks/img |")
+    print("|---|---:|---:|---:|---:|")
+    mc = float(np.mean(secs["MaskCut"]))
+    for name in methods:
+        t = float(np.mean(secs[name]))
+        print(f"| {name} | {1000 * t:.1f} | {1000 * float(np.median(secs[name])):.1f} | {mc / t:.1f}x | "
+              f"{counts([r for out in outs[name] for r in out])[0]:.1f} |")
 
 
 def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=bounded(int, 1), nargs=2, default=(56, 56), metavar=("H", "W"))
     ap.add_argument("--dim", type=bounded(int, 1), default=768)
-    ap.add_argument("--num-images", type=bounded(int, 1), default=4, help="images for the fast OAP rows")
+    ap.add_argument("--num-images", type=bounded(int, 1), default=4,
+                    help="images for the fast OAP rows (with --images: images)")
     ap.add_argument("--ref-images", type=bounded(int, 1), default=1, help="images for the reference row")
     ap.add_argument("--maskcut-images", type=bounded(int, 1), default=2, help="images for the MaskCut row")
-    ap.add_argument("--threads", type=bounded(int, 0), default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--threads", type=bounded(int, 0), default=0,
+                    help="threads of every pool: torch's and the BLAS / OpenMP libraries' (0: as they are)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", nargs="+", default=None, metavar="PATTERN",
+                    help="real images (files, globs or folders of .jpg): time OAP Alg. 1, UniAP and MaskCut "
+                         "interleaved on their EfficientNet-Lite0 features instead of synthetic maps")
+    ap.add_argument("--input-size", type=bounded(int, 1), default=448, help="with --images: square input side")
+    ap.add_argument("--effnet-layers", nargs="+", default=None, metavar="LAYER",
+                    help="with --images: EfficientNet-Lite0 layers (default block10 head: 28 x 28 at 448; "
+                         "block4 block10 head: 56 x 56)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.images:
+        return real(args)
+    with pinned_threads(args.threads):
+        return synthetic(args)
+
+
+def synthetic(args):
     h, w = args.size
     n = max(args.num_images, args.ref_images, args.maskcut_images)
     data = {
@@ -136,6 +123,10 @@ def main(argv=None):
         same = all(same_partitions(a, b) for a, b in zip(ref, res1))
         rows.setdefault("OAP fast (CPU, float32, B=1)", {})[kind] = (
             float(np.mean(times)), counts(res1), same)
+        uniap_fast(x[:1])  # warm-up
+        t, resu = timed(lambda: [r for i in range(args.num_images) for r in uniap_fast(x[i:i + 1])])
+        rows.setdefault("UniAP fast (released variant; CPU, float32, B=1)", {})[kind] = (
+            t / args.num_images, counts(resu), None)
         xb = x[:args.num_images]
         t, resb = timed(lambda: oap_fast(xb, cfg))
         rows.setdefault(f"OAP fast (CPU, float32, B={len(xb)})", {})[kind] = (
@@ -169,7 +160,7 @@ def main(argv=None):
     mc_name = "MaskCut (CPU, SciPy eigh, N=3, no CRF)"
     print()
     print(f"tokens {h}x{w}, {args.dim} channels; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}")
+          f"{pools_line()}, {platform.processor() or platform.machine()}")
     print(f"images: fast {args.num_images}, reference {args.ref_images}, "
           f"MaskCut {args.maskcut_images} per kind; load average at the end "
           f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")

@@ -431,15 +431,16 @@ def build_source(args):
 
 
 def build_generator_from_args(args):
-    from oap.pooling import MaskCutConfig, OAPConfig, build_generator
+    from oap.pooling import MaskCutConfig, build_generator, build_oap_generator
 
     if args.method == "oap":
         try:
-            cfg = OAPConfig(thresholds=tuple(args.thresholds), sigma=args.sigma, phi=args.phi,
-                            w_f=args.w_f, w_s=args.w_s, vote_normalize=args.vote_normalize)
+            gen = build_oap_generator(args.variant, impl=args.impl, thresholds=args.thresholds, phi=args.phi,
+                                      sigma=args.sigma, w_f=args.w_f, w_s=args.w_s,
+                                      vote_normalize=args.vote_normalize)
         except ValueError as e:
             raise UsageError(str(e)) from e
-        return build_generator("oap", config=cfg, impl=args.impl), len(cfg.thresholds), ("instance", "semantic")
+        return gen, len(gen.config.thresholds), ("instance", "semantic")
     cfg = MaskCutConfig(tau=args.maskcut_tau, num_masks=args.num_masks)
     return build_generator("maskcut", config=cfg), 1, ("instance",)
 
@@ -520,12 +521,14 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
     g = ap.add_argument_group("generator")
+    g.add_argument("--variant", choices=("alg1", "uniap"), default="alg1",
+                   help="OAP variant: the seed paper's Alg. 1, or UniAP as the authors released it (S2-UniSeg)")
     g.add_argument("--impl", choices=("fast", "reference"), default="fast", help="OAP implementation")
     g.add_argument("--thresholds", type=bounded(float, -1, 1, hi_open=True), nargs="+",
                    default=[0.8, 0.7, 0.6, 0.5, 0.4],
                    help="OAP tau_t, in [-1, 1): the similarity of Eq. 4 lies in [-1, 1] and an edge merges "
                         "when it is above tau_t")
-    g.add_argument("--phi", type=int, default=5, help="OAP minimum mask area (tokens)")
+    g.add_argument("--phi", type=int, default=None, help="OAP minimum mask area (tokens; default: alg1 5, uniap 4)")
     g.add_argument("--sigma", type=float, default=0.07, help="OAP vote temperature")
     g.add_argument("--w-f", type=float, default=0.6)
     g.add_argument("--w-s", type=float, default=0.4)

@@ -22,6 +22,11 @@ def add_oap_config(cfg):
     # ---- pseudo-mask generator in the teacher (Sec. 4.2, 5.1) ----
     o.POOLING = CN()
     o.POOLING.METHOD = "oap"  # "oap" or "maskcut" (baseline)
+    # Which OAP: "alg1" (the seed paper's Alg. 1, the keys below) or "uniap" (the pooling the
+    # authors released with S2-UniSeg, FastUniAP.py at 9049574: raw summed features, cosine edge
+    # scores, no spatial term / vote; uses THRESHOLDS and UNIAP_MIN_SIZE; its semantic level is its
+    # instance level, see oap/pooling/uniap.py).
+    o.POOLING.VARIANT = "alg1"
     o.POOLING.IMPL = "fast"  # "fast" (batched torch, runs on the teacher's device) or "reference"
     o.POOLING.THRESHOLDS = [0.8, 0.7, 0.6, 0.5, 0.4]
     o.POOLING.SIGMA = 0.07
@@ -29,6 +34,7 @@ def add_oap_config(cfg):
     o.POOLING.W_F = 0.6
     o.POOLING.W_S = 0.4
     o.POOLING.VOTE_NORMALIZE = False
+    o.POOLING.UNIAP_MIN_SIZE = 4  # UniAP's minimum cluster size in tokens (hard-coded 4 in the release)
     # At most this many teacher masks per image and level (largest first), taken on the global
     # view before cropping. 0 = no limit. Matching is bipartite: targets beyond the number of
     # queries of their level stay unmatched anyway.

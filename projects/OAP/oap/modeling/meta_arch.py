@@ -42,8 +42,8 @@ from detectron2.structures import BitMasks, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..data.crop_targets import crop_masks_to_views
-from ..pooling.generators import build_generator
-from ..pooling.types import MaskCutConfig, OAPConfig
+from ..pooling.generators import build_generator, build_oap_generator
+from ..pooling.types import MaskCutConfig
 from .criterion import OAPCriterion
 from .dino_head import DINOHead
 from .pixel_decoder import MSDeformAttnPixelDecoder
@@ -169,9 +169,10 @@ class OAPSegmentor(nn.Module):
                         o.HEAD.NUM_LAYERS, o.HEAD.NORM_LAST_LAYER)
         p = o.POOLING
         if p.METHOD == "oap":
-            generator = build_generator("oap", config=OAPConfig(
-                thresholds=tuple(p.THRESHOLDS), sigma=p.SIGMA, phi=p.PHI, w_f=p.W_F, w_s=p.W_S,
-                vote_normalize=p.VOTE_NORMALIZE), impl=p.IMPL)
+            generator = build_oap_generator(
+                p.VARIANT, impl=p.IMPL, thresholds=tuple(p.THRESHOLDS),
+                phi=p.UNIAP_MIN_SIZE if p.VARIANT == "uniap" else p.PHI, sigma=p.SIGMA, w_f=p.W_F,
+                w_s=p.W_S, vote_normalize=p.VOTE_NORMALIZE)
         elif p.METHOD == "maskcut":
             generator = build_generator("maskcut", config=MaskCutConfig())
         else:

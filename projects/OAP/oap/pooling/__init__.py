@@ -1,5 +1,6 @@
 """Pseudo-mask generators on ViT feature maps: Online Agglomerative Pooling (OAP paper, Sec. 4.2,
-Alg. 1) in a literal reference form and a fast batched PyTorch form, and the MaskCut baseline.
+Alg. 1) in a literal reference form and a fast batched PyTorch form, UniAP (the variant the
+authors released with S2-UniSeg, ``uniap.py``) in the same two forms, and the MaskCut baseline.
 
 Typical use::
 
@@ -16,17 +17,22 @@ from .features import (
     EfficientNetLite0, EfficientNetLite0Features, build_efficientnet_lite0, build_efficientnet_lite0_features,
     build_vit, efficientnet_lite0_weights_path, flatten_normalized, vit_key_features,
 )
-from .generators import MaskCutGenerator, OAPGenerator, build_generator, generate_pseudo_masks
+from .generators import (
+    OAP_VARIANTS, MaskCutGenerator, OAPGenerator, UniAPGenerator, build_generator, build_oap_generator,
+    generate_pseudo_masks,
+)
 from .maskcut import maskcut, normalized_cut
 from .reference import grid_adjacency, oap_reference
-from .types import MaskCutConfig, MaskLevel, OAPConfig, OAPLayer, PseudoMasks, first_unique_rows
+from .types import MaskCutConfig, MaskLevel, OAPConfig, OAPLayer, PseudoMasks, UniAPConfig, first_unique_rows
+from .uniap import uniap_fast, uniap_reference
 
 __all__ = [
-    "OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows",
-    "oap_fast", "oap_reference", "maskcut", "normalized_cut",
+    "OAPConfig", "UniAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows",
+    "oap_fast", "oap_reference", "uniap_fast", "uniap_reference", "maskcut", "normalized_cut",
     "connected_components", "grid_edges", "grid_adjacency",
     "flatten_normalized", "vit_key_features", "build_vit",
     "EfficientNetLite0", "EfficientNetLite0Features", "build_efficientnet_lite0",
     "build_efficientnet_lite0_features", "efficientnet_lite0_weights_path",
-    "OAPGenerator", "MaskCutGenerator", "build_generator", "generate_pseudo_masks",
+    "OAPGenerator", "UniAPGenerator", "MaskCutGenerator", "OAP_VARIANTS", "build_generator",
+    "build_oap_generator", "generate_pseudo_masks",
 ]

@@ -3,7 +3,7 @@ supernode features to :class:`PseudoMasks` (area filter, parent indices). No poo
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,9 +56,11 @@ def overlap_parents(
     return parents, nested
 
 
-def _level(part, feats, phi, h, w):
+def _level(part, feats, phi, h, w, eligible=None):
     s = feats.shape[0]
     area = torch.bincount(part, minlength=s)
+    if eligible is not None:  # supernodes that may not be emitted whatever their area
+        area = torch.where(eligible, area, torch.zeros_like(area))
     keep_ids, kidx = _kept_index(area, phi)
     grid = part.view(h, w)
     masks = grid[None] == keep_ids.view(-1, 1, 1)
@@ -69,17 +71,23 @@ def assemble_result(
     h: int, w: int, thresholds: Sequence[float], phi: int,
     inst_parts: List[torch.Tensor], inst_feats: List[torch.Tensor],
     sem_parts: List[torch.Tensor], sem_feats: List[torch.Tensor],
+    inst_eligible: Optional[List[torch.Tensor]] = None, sem_eligible: Optional[List[torch.Tensor]] = None,
+    method: str = "oap",
 ) -> PseudoMasks:
     """Builds the result of one image.
 
     ``inst_parts[t]`` / ``sem_parts[t]``: ``(h*w,)`` long, canonical supernode id of every token
     after instance / semantic pooling of layer ``t``; ``inst_feats[t]`` / ``sem_feats[t]``:
-    ``(s, d)`` features of all those supernodes.
+    ``(s, d)`` features of all those supernodes. A supernode is emitted when its area is at
+    least ``phi`` and, where ``inst_eligible[t]`` / ``sem_eligible[t]`` (``(s,)`` bool) is given,
+    it is eligible.
     """
     levels = {"instance": [], "semantic": []}
     for t in range(len(thresholds)):
-        levels["instance"].append(_level(inst_parts[t], inst_feats[t], phi, h, w))
-        levels["semantic"].append(_level(sem_parts[t], sem_feats[t], phi, h, w))
+        levels["instance"].append(_level(inst_parts[t], inst_feats[t], phi, h, w,
+                                         None if inst_eligible is None else inst_eligible[t]))
+        levels["semantic"].append(_level(sem_parts[t], sem_feats[t], phi, h, w,
+                                         None if sem_eligible is None else sem_eligible[t]))
     out = {"instance": [], "semantic": []}
     for name, lvls in levels.items():
         for t, lv in enumerate(lvls):
@@ -111,4 +119,4 @@ def assemble_result(
                 instance_to_semantic=i2s,
             )
         )
-    return PseudoMasks(feature_size=(h, w), layers=layers, method="oap")
+    return PseudoMasks(feature_size=(h, w), layers=layers, method=method)

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows"]
+__all__ = ["OAPConfig", "UniAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,32 @@ class OAPConfig:
         if bad:
             raise ValueError(f"OAP thresholds {bad} lie outside [-{top:g}, {top:g}), the range of the similarity "
                              f"w_f*S^f + w_s*S^s (Eq. 4) that an edge must exceed; give thresholds in it")
+
+
+@dataclass(frozen=True)
+class UniAPConfig:
+    """Hyper-parameters of UniAP, the pooling the OAP authors released with S2-UniSeg
+    (github bio-mlhui/S2-UniSeg, commit 9049574, ``FastUniAP.py``; see :mod:`oap.pooling.uniap`).
+
+    The release hard-codes both values (``for threshold in [0.8, 0.7, 0.6, 0.5, 0.4]`` and
+    ``node_num_patches[m] >= 4`` in ``aggo_merge_graph`` / ``aggo_whole_batch``); here they are
+    configurable, with the release's values as defaults.
+
+    Attributes:
+        thresholds: one layer per entry; edges whose score is strictly larger are contracted,
+            repeatedly, until none is.
+        min_size: a cluster of fewer tokens is not emitted (the release: 4).
+    """
+
+    thresholds: Tuple[float, ...] = (0.8, 0.7, 0.6, 0.5, 0.4)
+    min_size: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if len(self.thresholds) == 0:
+            raise ValueError("UniAPConfig.thresholds must not be empty")
+        if self.min_size < 1:
+            raise ValueError("UniAPConfig.min_size must be >= 1")
 
 
 @dataclass(frozen=True)
