@@ -24,5 +24,6 @@ setup(
         "fvcore",
         "timm",
         "tqdm",
+        "threadpoolctl",
     ],
 )

