@@ -6,6 +6,9 @@ __all__ = ["add_hiseg_config"]
 
 
 def add_hiseg_config(cfg):
+    """Add the shared keys (idempotent: a second call changes nothing, not even merged values)."""
+    if "HISEG" in cfg:
+        return cfg
     s = cfg.SOLVER
     s.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
     s.BETAS = [0.9, 0.999]  # AdamW
@@ -26,3 +29,4 @@ def add_hiseg_config(cfg):
     # (hiseg.engine.weights_config): "strict" = evaluating with other settings fails, "warn" =
     # only warn (to evaluate them with other settings on purpose). Training from them only warns.
     cfg.HISEG.WEIGHTS_CONFIG_CHECK = "strict"
+    return cfg

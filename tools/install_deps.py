@@ -151,6 +151,7 @@ ships no C++ sources. Every compiled op raises ``MissingCompiledOpError`` naming
 """
 
 IS_PURE_PYTHON_STUB = True
+PATCH_LEVEL = 2  # 2: COCOeval_opt (COCOEvaluator's default use_fast_impl=True) runs pycocotools
 _HOW = (
     "this detectron2 is the pure-Python v0.6 from PyPI (pb1-detectron2) without its C++/CUDA "
     "extension. Install detectron2 from source to get it: "
@@ -178,8 +179,13 @@ def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
 
+    how = _HOW
+    if name.startswith("COCOeval") or name in ("InstanceAnnotation", "ImageEvaluation"):
+        how = ("pass use_fast_impl=False to COCOEvaluator (pycocotools' official COCOeval, the "
+               "same AP, slower), or " + _HOW[_HOW.index("Install"):].replace("Install", "install", 1))
+
     def _missing(*args, **kwargs):
-        raise MissingCompiledOpError(f"detectron2 compiled op '{name}' is unavailable: {_HOW}")
+        raise MissingCompiledOpError(f"detectron2 compiled op '{name}' is unavailable: {how}")
 
     _missing.__name__ = name
     return _missing
@@ -198,12 +204,51 @@ setup(
 '''
 
 
+_FAST_EVAL_MARK = "# hiseg set-up: no compiled ops"
+
+
+def patch_fast_coco_eval(pkg: Path):
+    """Make ``COCOeval_opt`` (what ``COCOEvaluator`` uses by default, ``use_fast_impl=True``)
+    run pycocotools' own ``evaluate`` / ``accumulate`` when ``detectron2._C`` is our stub, so a
+    user's ``COCOEvaluator(name)`` works as written (the official numbers, at pycocotools' speed).
+    Idempotent; ``pkg`` is the ``detectron2`` package folder. Returns whether the file changed."""
+    f = pkg / "evaluation" / "fast_eval_api.py"
+    text = f.read_text()
+    if _FAST_EVAL_MARK in text:
+        return False
+    guard = ("        if getattr(_C, \"IS_PURE_PYTHON_STUB\", False):  " + _FAST_EVAL_MARK + "\n"
+             "            return COCOeval.{0}(self)\n")
+    new = text
+    for method in ("evaluate", "accumulate"):
+        anchor = re.search(rf"\n    def {method}\(self\):\n        \"\"\"(?s:.*?)\"\"\"\n", new)
+        if anchor is None:
+            raise SystemExit(f"[setup] {f}: COCOeval_opt.{method} not found; cannot patch it")
+        new = new[:anchor.end()] + guard.format(method) + new[anchor.end():]
+    f.write_text(new)
+    return True
+
+
+def refresh_installed_stub():
+    """Bring an installed pure-Python detectron2 of an older set-up up to ``_C_STUB`` (newer
+    stub, ``COCOeval_opt`` fallback); a compiled detectron2 is never touched."""
+    level = python_ok("from detectron2 import _C; import os; "
+                      "print(getattr(_C, 'PATCH_LEVEL', 1) if getattr(_C, 'IS_PURE_PYTHON_STUB', False) else 0, "
+                      "os.path.dirname(_C.__file__))")
+    if not level or level.split()[0] in ("0", "2"):
+        return
+    pkg = Path(level.split(maxsplit=1)[1])
+    (pkg / "_C.py").write_text(_C_STUB)
+    patch_fast_coco_eval(pkg)
+    log(f"detectron2: refreshed the pure-Python stand-ins in {pkg} (COCOEvaluator's default works)")
+
+
 def patch_detectron2_v06(src: Path):
     """Fix detectron2 v0.6's known incompatibilities in its source tree (never at run time).
 
     * Pillow >= 10 removed ``Image.LINEAR`` (an alias of ``Image.BILINEAR``).
     * NumPy >= 1.24 removed the aliases ``np.int``, ``np.float``, ``np.bool``.
-    * ``detectron2._C`` is absent: a stub module whose ops raise an error naming the op.
+    * ``detectron2._C`` is absent: a stub module whose ops raise an error naming the op, and
+      ``COCOeval_opt`` falls back to pycocotools (:func:`patch_fast_coco_eval`).
     Returns the list of files changed.
     """
     changed = []
@@ -218,6 +263,8 @@ def patch_detectron2_v06(src: Path):
             changed.append(str(f.relative_to(src)))
     (src / "detectron2" / "_C.py").write_text(_C_STUB)
     changed.append("detectron2/_C.py (new)")
+    if patch_fast_coco_eval(src / "detectron2"):
+        changed.append("detectron2/evaluation/fast_eval_api.py")
     (src / "setup.py").write_text(_D2_SETUP_PY)
     for extra in ("setup.cfg", "pyproject.toml"):
         (src / extra).unlink(missing_ok=True)
@@ -240,6 +287,7 @@ def install_d2_v06_pure(cache_dir: Path):
 def ensure_detectron2(force_fallback=False):
     found = None if force_fallback else python_ok(D2_IMPORT_CHECK)
     if found:
+        refresh_installed_stub()
         log(f"detectron2: keeping the working installation {found}")
         return "existing " + found
     if not force_fallback and reachable("github.com"):

@@ -1,11 +1,18 @@
 """Config keys of the CAST project (``add_cast_config``)."""
 from detectron2.config import CfgNode as CN
 
+from hiseg.config import add_hiseg_config
+
 __all__ = ["add_cast_config"]
 
 
 def add_cast_config(cfg):
-    """Add MODEL.CAST.* (defaults: CAST-S of the paper, Sec. 3.3) and MODEL.CAST.SUPERPIXEL.*."""
+    """Add MODEL.CAST.* (defaults: CAST-S of the paper, Sec. 3.3) and MODEL.CAST.SUPERPIXEL.*,
+    and the shared keys the CAST yaml files use (:func:`hiseg.config.add_hiseg_config`), so this
+    one call is enough to load ``configs/CAST/Base-CAST-*.yaml`` in another project. Idempotent."""
+    add_hiseg_config(cfg)
+    if "CAST" in cfg.MODEL:
+        return cfg
     cfg.MODEL.CAST = CN()
     c = cfg.MODEL.CAST
     c.EMBED_DIM = 384
@@ -76,3 +83,4 @@ def add_cast_config(cfg):
     # (-v) mod 256 per channel, as the authors' Segmenter code does in training and evaluation
     # (segm/data/utils.py generate_superpixels); Segmenter weights trained with it need it.
     s.SEEDS_INPUT = "rgb"
+    return cfg

@@ -153,10 +153,18 @@ def build_cast_backbone(cfg, input_shape=None):
 
 @BACKBONE_REGISTRY.register()
 def build_cast_fpn_backbone(cfg, input_shape=None):
-    """CAST + detectron2's FPN (``MODEL.FPN.*``), for Mask R-CNN / RetinaNet / Panoptic FPN."""
+    """CAST + detectron2's FPN (``MODEL.FPN.*``), for Mask R-CNN / RetinaNet / Panoptic FPN.
+
+    ``MODEL.FPN.IN_FEATURES`` empty (detectron2's default) means all of CAST's dense outputs,
+    ``res2``..``res5`` (strides 4..32), as the Mask R-CNN config sets them."""
     from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
     bottom_up = build_cast_backbone(cfg, input_shape)
     bottom_up.freeze_unread_by_dense_outputs()  # only res2..res5 reach the FPN
-    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES) or list(bottom_up.output_shape())
+    unknown = [f for f in in_features if f not in bottom_up.output_shape()]
+    if unknown:
+        raise ValueError(f"MODEL.FPN.IN_FEATURES {unknown} are not CAST outputs; use a subset of "
+                         f"{list(bottom_up.output_shape())} (empty = all)")
+    return FPN(bottom_up=bottom_up, in_features=in_features, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
                norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
