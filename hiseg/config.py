@@ -23,6 +23,16 @@ def add_hiseg_config(cfg):
     # empty = chosen from each test dataset's metadata.evaluator_type; entries "<type>" apply to
     # every test dataset, "<dataset>:<type>" to that dataset only
     cfg.TEST.EVALUATORS = []
+    cfg.TEST.IMS_PER_BATCH = 1  # images per test batch and process (detectron2 v0.6 uses 1)
+    # ImageNet val as users have it (hiseg.data.datasets.imagenet.register_from_cfg), for the
+    # imagenet_*_val names of DATASETS.TEST: image folder (class folders or flat; "" = the
+    # datasets root's imagenet/val), labels file of a flat folder, first N images (0 = all) in
+    # file-name order, a file naming the images to use (one per line)
+    cfg.DATASETS.IMAGENET = CN()
+    cfg.DATASETS.IMAGENET.VAL_DIR = ""
+    cfg.DATASETS.IMAGENET.VAL_LABELS = ""
+    cfg.DATASETS.IMAGENET.VAL_FIRST = 0
+    cfg.DATASETS.IMAGENET.VAL_LIST = ""
     cfg.HISEG = CN()
     cfg.HISEG.VIS_PERIOD = 0
     # converted checkpoints store the settings their weights were trained with

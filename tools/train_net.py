@@ -18,6 +18,7 @@ from detectron2.evaluation import verify_results  # noqa: E402
 
 import hiseg.data  # noqa: E402,F401  (registers datasets)
 from hiseg.cli import merge_config, run_cli  # noqa: E402
+from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_from_cfg  # noqa: E402
 from hiseg.dataset_checks import check_datasets  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
@@ -31,6 +32,7 @@ def setup(args):
     add_all_configs(cfg)
     merge_config(cfg, args.config_file, args.opts)  # one-line errors: missing file, unknown key, ...
     cfg.freeze()
+    register_imagenet_from_cfg(cfg)  # DATASETS.IMAGENET.*: a val folder alone, flat + labels, subsets
     check_datasets(cfg.DATASETS.TEST if args.eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
     default_setup(cfg, args)
     return cfg

@@ -278,4 +278,10 @@ class HisegTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         with dataset_errors():
+            batch = int(cfg.TEST.get("IMS_PER_BATCH", 1))
+            if batch > 1 and not cfg.MODEL.LOAD_PROPOSALS:
+                from ..data.test_loader import build_batched_test_loader
+
+                return build_batched_test_loader(dataset_name, cls._mapper(cfg, False), batch,
+                                                 cfg.DATALOADER.NUM_WORKERS)
             return build_detection_test_loader(cfg, dataset_name, mapper=cls._mapper(cfg, False))
