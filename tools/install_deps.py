@@ -231,9 +231,11 @@ def patch_fast_coco_eval(pkg: Path):
 def refresh_installed_stub():
     """Bring an installed pure-Python detectron2 of an older set-up up to ``_C_STUB`` (newer
     stub, ``COCOeval_opt`` fallback); a compiled detectron2 is never touched."""
-    level = python_ok("from detectron2 import _C; import os; "
-                      "print(getattr(_C, 'PATCH_LEVEL', 1) if getattr(_C, 'IS_PURE_PYTHON_STUB', False) else 0, "
-                      "os.path.dirname(_C.__file__))")
+    # the stub's module-level ``__getattr__`` answers any unknown name with a function, so read
+    # the module's own attributes only
+    level = python_ok("from detectron2 import _C; import os; d = vars(_C); "
+                      "lv = d.get('PATCH_LEVEL', 1) if d.get('IS_PURE_PYTHON_STUB') is True else 0; "
+                      "print(lv if isinstance(lv, int) else 1, os.path.dirname(_C.__file__))")
     if not level or level.split()[0] in ("0", "2"):
         return
     pkg = Path(level.split(maxsplit=1)[1])
