@@ -23,7 +23,7 @@ checkpointer and ``run_step``), and replaces the iteration schedule by one on th
   is cut back to the resumed iteration. ``run.json`` says ``"status": "done"`` when the budget
   is spent; a finished run is never trained again.
 * **pause**: ``pause_after_steps`` / ``pause_after_s`` end this call early with a resume
-  checkpoint, to split a long experiment across sessions (and for the tests).
+  checkpoint, to split a long experiment across several runs (and for the tests).
 
 A resumed run re-seeds its RNGs with ``(seed, next iteration)``, so a resumed run does not
 replay the data order of its start; it is not bit-identical to an uninterrupted one.
