@@ -80,6 +80,7 @@ import torch.nn.functional as F  # noqa: E402
 from hiseg.cli import ArgumentParser, bounded, check_device, check_output_dir, check_output_file, one_line  # noqa: E402
 from hiseg.errors import UsageError, UserError  # noqa: E402
 from hiseg.image_io import InputError, read_image  # noqa: E402
+from hiseg.threads import pinned_threads  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: --arch presets: embed dim, depth, heads (DINO's ViT-S and ViT-B)
@@ -518,7 +519,7 @@ def parse_args(argv=None):
     ap.add_argument("--keep-aspect", action="store_true", help="keep the aspect ratio instead of a square input")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of every pool: torch's and the BLAS / OpenMP ones (default: as they are)")
 
     g = ap.add_argument_group("generator")
     g.add_argument("--variant", choices=("alg1", "uniap"), default="alg1",
@@ -776,16 +777,14 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        return run(args)
+        # every pool (torch's and BLAS / OpenMP), restored afterwards: main() may run inside
+        # another program (tests)
+        with pinned_threads(args.threads or 0):
+            return run(args)
     except UserError as e:  # UsageError, ConfigError, CheckpointError, dataset errors
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return e.exit_code
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another program (tests)
 
 
 if __name__ == "__main__":
