@@ -25,6 +25,9 @@ The message names a few missing and a few unexpected keys, and tensors of anothe
 Expected partial loads keep working with detectron2's usual warning: a converted backbone
 without detection heads or decoder (``tools/convert_cast_checkpoint.py`` output), a MoCo encoder
 under a linear probe, an ImageNet backbone under Mask R-CNN all fill far more than 1 %.
+That floor is the same for every use; :func:`check_part_filled` then checks the part a run
+uses (the backbone to fine-tune, the whole model to evaluate or resume), which
+``hiseg.engine.AtomicDetectionCheckpointer`` applies for ``tools/train_net.py``.
 """
 import argparse
 import importlib
@@ -48,6 +51,7 @@ __all__ = [
     "read_checkpoint",
     "read_detectron2_checkpoint",
     "check_weights_fit",
+    "check_part_filled",
     "SafeDetectionCheckpointer",
 ]
 
@@ -299,8 +303,7 @@ def check_weights_fit(model: torch.nn.Module, incompatible, path: str, min_fille
     """Raise :class:`CheckpointError` when the load that gave ``incompatible`` (fvcore's
     ``_IncompatibleKeys``) filled less than ``min_filled`` of ``model``'s weights."""
     # pixel_mean / pixel_std come from the config; torch never reports num_batches_tracked missing
-    state = OrderedDict((k, v) for k, v in model.state_dict().items()
-                        if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked"))
+    state = _counted_state(model)
     total = sum(v.numel() for v in state.values())
     if total == 0:
         return
@@ -331,6 +334,81 @@ def check_weights_fit(model: torch.nn.Module, incompatible, path: str, min_fille
     parts.append("give a checkpoint of this config (tools/train_net.py output), or convert released weights "
                  "with tools/convert_cast_checkpoint.py --config-file <this config>")
     raise CheckpointError("; ".join(parts))
+
+
+#: share of the backbone's weights a checkpoint must fill when a run is fine-tuned from it
+MIN_BACKBONE_FILLED = 0.5
+
+
+def _counted_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model tensors a checkpoint is expected to fill: all but ``pixel_mean`` / ``pixel_std``
+    (from the config) and BatchNorm's ``num_batches_tracked``."""
+    return OrderedDict((k, v) for k, v in model.state_dict().items()
+                       if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked"))
+
+
+def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: str, holds: str = "") -> None:
+    """Raise :class:`CheckpointError` when a load (fvcore's ``_IncompatibleKeys``) left the part
+    of ``model`` that ``purpose`` uses unfilled, naming the first tensor that did not load:
+
+    * ``"resume"``: every tensor, with its shape (a resumed run continues the same model; a
+      changed config would otherwise fail inside the optimizer step, or train a half-random
+      model);
+    * ``"evaluate"``: every tensor the model uses at inference: all but those under the model's
+      ``eval_unused_prefixes`` (e.g. CASTMoCo's projector, predictor and momentum copies) and,
+      for a converted file that declares it holds only ``holds`` (``hiseg.engine.weights_config``),
+      nothing outside that prefix is required (the one-line summary names those tensors);
+    * ``"finetune"`` (training from ``MODEL.WEIGHTS``): the backbone: no backbone tensor of
+      another shape, and at least :data:`MIN_BACKBONE_FILLED` of its weights loaded. Heads may
+      differ (e.g. another class count); a model without a ``backbone`` is left to
+      :func:`check_weights_fit`.
+
+    The whole-model 1% rule of :func:`check_weights_fit` alone let a checkpoint of another width
+    through when its heads (e.g. a MoCo predictor, whose shapes do not depend on the width) filled
+    a few percent of the model while the backbone stayed random.
+    """
+    state = _counted_state(model)
+    if purpose == "finetune":
+        if not isinstance(getattr(model, "backbone", None), torch.nn.Module):
+            return
+        required = [k for k in state if k.startswith("backbone.")]
+    elif purpose == "evaluate":
+        skip = tuple(getattr(model, "eval_unused_prefixes", ()) or ())
+        required = [k for k in state if not (skip and k.startswith(skip)) and (not holds or k.startswith(holds))]
+    elif purpose == "resume":
+        required = list(state)
+    else:
+        raise ValueError(f"purpose must be 'finetune', 'evaluate' or 'resume', got {purpose!r}")
+    if not required:
+        return
+    wrong = {k: (tuple(a), tuple(b)) for k, a, b in (getattr(incompatible, "incorrect_shapes", None) or [])}
+    missing = set(incompatible.missing_keys) | set(wrong)
+    bad = [k for k in required if k in missing]
+    if not bad:
+        return
+    total = sum(state[k].numel() for k in required)
+    filled = sum(state[k].numel() for k in required if k not in missing)
+    if purpose == "finetune" and not any(k in wrong for k in bad) and filled >= MIN_BACKBONE_FILLED * total:
+        return  # e.g. an FPN or a decoder on top of a pretrained encoder starts from its initialisation
+    first = bad[0]
+    what = (f"{first!r} is {wrong[first][0]} in the file but {wrong[first][1]} in this model" if first in wrong
+            else f"{first!r} is not in the file")
+    n_wrong = sum(1 for k in bad if k in wrong)
+    part = {"finetune": "backbone", "evaluate": "model (as used at inference)", "resume": "model"}[purpose]
+    counts = (f"{len(bad)} of the {part}'s {len(required)} tensors do not load ({n_wrong} of another shape), "
+              f"{100.0 * filled / max(total, 1):.1f}% of its weights would come from the file")
+    size_hint = "a checkpoint of another model size or config" if n_wrong else "a checkpoint of another model"
+    if purpose == "resume":
+        fix = ("resume with the config the run was started with (its OUTPUT_DIR/config.yaml), or start a new run "
+               f"in another OUTPUT_DIR with MODEL.WEIGHTS {path} to fine-tune from it")
+        raise CheckpointError(f"{path}: cannot resume this run with this config: {what}; {counts}; {fix}")
+    doing = "fine-tuning would start from a random backbone" if purpose == "finetune" else \
+        "the evaluation would score randomly initialised weights"
+    raise CheckpointError(
+        f"{path}: does not fit this {type(model).__name__} ({size_hint}?): {what}; {counts}, so {doing}; "
+        f"use the config the checkpoint was trained with (its OUTPUT_DIR/config.yaml, e.g. the same "
+        f"MODEL.CAST.EMBED_DIM / DEPTHS / NUM_HEADS), or convert released weights with "
+        f"tools/convert_cast_checkpoint.py --config-file <this config>")
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):

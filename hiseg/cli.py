@@ -174,7 +174,28 @@ def _config_file_error(path: str) -> Optional[str]:
         return f"{path}: config file not found; {hint}"
     if not os.path.isfile(path):
         return f"{path}: not a file (a folder?); give a .yaml config file"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.strip():
+        return (f"{path}: empty config file ({len(head)} bytes); give a .yaml config file (the configs are under "
+                f"configs/CAST and configs/OAP)")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not a multi-byte character cut at the end of the head
+            return (f"{path}: not a config file but {_binary_file_kind(head)}; give a .yaml config file "
+                    f"(the configs are under configs/CAST and configs/OAP)")
     return None
+
+
+def _binary_file_kind(head: bytes) -> str:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    from .image_io import describe_file_start
+
+    return describe_file_start(head)
 
 
 def _load_yaml(cfg, path: str) -> dict:
@@ -196,6 +217,9 @@ def _load_yaml(cfg, path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({problem}{where}); fix the syntax") from None
     except (AssertionError, KeyError) as e:  # fvcore: "Cannot inherit key ... from base"
         raise ConfigError(f"{path}: {one_line(e)}") from None
+    except (TypeError, UnicodeDecodeError):  # an empty or binary _BASE_ file (the named file is checked first)
+        raise ConfigError(f"{path}: a _BASE_ config it names is empty or not a text file; fix the _BASE_ "
+                          f"path") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -208,8 +232,9 @@ def merge_config(cfg, config_file: Optional[str] = None, opts: Sequence = ()):
     """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with every
     problem as a :class:`ConfigError` naming the file or override: a missing config file (or
     ``_BASE_``), invalid YAML, unknown keys (with the nearest valid ones, by ``difflib``), values
-    of the wrong type, and overrides that are not KEY VALUE pairs. YAML that builds Python
-    objects is refused (detectron2 would fall back to ``yaml.unsafe_load``). Returns ``cfg``."""
+    of the wrong type, overrides that are not KEY VALUE pairs, and values the model cannot be
+    built with (:func:`hiseg.config.check_config`). YAML that builds Python objects is refused
+    (detectron2 would fall back to ``yaml.unsafe_load``). Returns ``cfg``."""
     if config_file:
         config_file = os.fspath(config_file)
         problem = _config_file_error(config_file)
@@ -244,6 +269,9 @@ def merge_config(cfg, config_file: Optional[str] = None, opts: Sequence = ()):
         except (AssertionError, KeyError, ValueError, TypeError) as e:
             where = "command-line override"
             raise ConfigError(_type_mismatch(where, one_line(e)) or f"{where}: {one_line(e)}") from None
+    from .config import check_config
+
+    check_config(cfg)  # values the model cannot be built with (hiseg.config.register_config_check)
     return cfg
 
 

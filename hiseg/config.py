@@ -2,7 +2,7 @@
 detectron2 v0.6 nor on main are added, so our yaml files load with either."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hiseg_config"]
+__all__ = ["add_hiseg_config", "register_config_check", "check_config"]
 
 
 def add_hiseg_config(cfg):
@@ -40,3 +40,24 @@ def add_hiseg_config(cfg):
     # only warn (to evaluate them with other settings on purpose). Training from them only warns.
     cfg.HISEG.WEIGHTS_CONFIG_CHECK = "strict"
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# value checks: every config merged by hiseg.cli.merge_config is checked, so each entry point
+# refuses a value the model cannot be built with in one line, before anything is built.
+_CONFIG_CHECKS = []
+
+
+def register_config_check(fn):
+    """Register ``fn(cfg)``, which raises :class:`~hiseg.errors.ConfigError` for values the model
+    cannot be built with (naming the keys and the rule). Projects register theirs on import; a
+    check must pass configs that lack its keys. Returns ``fn`` (usable as a decorator)."""
+    if fn not in _CONFIG_CHECKS:
+        _CONFIG_CHECKS.append(fn)
+    return fn
+
+
+def check_config(cfg) -> None:
+    """Run every registered config check on ``cfg``."""
+    for fn in _CONFIG_CHECKS:
+        fn(cfg)

@@ -18,6 +18,8 @@ __all__ = [
     "DatasetNotFoundError",
     "EmptyDatasetError",
     "SkippedInputsError",
+    "OutputError",
+    "TrainingDivergedError",
 ]
 
 
@@ -60,3 +62,11 @@ class SkippedInputsError(UserError):
     warning); the message is the summary. Exit status 1: the other inputs were processed."""
 
     exit_code = 1
+
+
+class OutputError(UserError):
+    """An output folder or file that cannot be written: read-only, not a folder, or a full disk."""
+
+
+class TrainingDivergedError(UserError):
+    """The loss or the weights became NaN or infinite (a learning rate too high for the run)."""

@@ -123,10 +123,17 @@ def setup_cfg(config_file: str, opts):
 def _encoder_state_dict(state):
     """Keys of a full model / backbone / MoCo checkpoint mapped to the encoder's names: anything
     up to and including the first ``encoder.`` is dropped (``backbone.encoder.``,
-    ``backbone.bottom_up.encoder.``, ``module.base_encoder.``); other keys are kept."""
+    ``backbone.bottom_up.encoder.``, ``module.base_encoder.``); other keys are kept. A MoCo
+    checkpoint holds two encoders: the online one (ours: ``backbone.encoder.``; the authors':
+    ``module.base_encoder.``) and its momentum copy (``momentum_backbone.encoder.``,
+    ``module.momentum_encoder.``). The online encoder is the one loaded: it is the encoder the
+    authors evaluate and fine-tune (their loaders keep ``module.base_encoder.*`` only), so keys
+    of the momentum copy are dropped and can never overwrite it."""
     out = {}
     for k, v in state.items():
         i = k.find("encoder.")
+        if i >= 0 and "momentum" in k[:i]:
+            continue
         out[k[i + len("encoder."):] if i >= 0 else k] = v
     return out
 

@@ -4,6 +4,10 @@ meta-architecture on a CAST backbone) with detectron2's trainer.
 
     python tools/train_net.py --config-file configs/CAST/<cfg>.yaml [--eval-only] [--resume]
         [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [KEY VALUE ...]
+
+``--eval-only`` evaluates MODEL.WEIGHTS (or, with ``--resume``, OUTPUT_DIR's last checkpoint); it
+refuses to run without weights unless ``--eval-random-weights`` asks for a randomly initialised
+model on purpose. The request is checked before anything is built (``hiseg.engine.preflight``).
 """
 import logging
 import os
@@ -22,17 +26,23 @@ from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_
 from hiseg.dataset_checks import check_datasets  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
+from hiseg.engine.preflight import check_run  # noqa: E402
 from hiseg.engine.trainer import distributed_timeout  # noqa: E402
 
 logger = logging.getLogger("hiseg")
 
 
-def setup(args):
+def build_cfg(args):
     cfg = get_cfg()
     add_all_configs(cfg)
     merge_config(cfg, args.config_file, args.opts)  # one-line errors: missing file, unknown key, ...
     cfg.freeze()
     register_imagenet_from_cfg(cfg)  # DATASETS.IMAGENET.*: a val folder alone, flat + labels, subsets
+    return cfg
+
+
+def setup(args):
+    cfg = build_cfg(args)
     check_datasets(cfg.DATASETS.TEST if args.eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
     default_setup(cfg, args)
     return cfg
@@ -54,10 +64,12 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        raise SystemExit(f"--num-gpus {args.num_gpus} needs CUDA GPUs (detectron2's launch uses NCCL "
-                         "and v0.6 asserts CUDA for more than one process); use --num-gpus 1 on a CPU")
+    parser = default_argument_parser()
+    parser.add_argument("--eval-random-weights", action="store_true",
+                        help="with --eval-only and no MODEL.WEIGHTS: evaluate a randomly initialised model on purpose")
+    args = parser.parse_args(argv)
+    check_run(build_cfg(args), world_size=args.num_gpus * args.num_machines, eval_only=args.eval_only,
+              resume=args.resume, eval_random_weights=args.eval_random_weights)  # before any process starts
     print("Command Line Args:", args)
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                   dist_url=args.dist_url, args=(args,), timeout=distributed_timeout())

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..compat import coco_evaluator_kwargs
 from ..dataset_checks import dataset_errors
+from ..errors import TrainingDivergedError
 from ..image_io import ImageCheckingMapper
 from .accumulation import build_step_trainer, check_accumulation, check_model_accumulation, micro_batch_cfg
 from .checkpoint import AtomicDetectionCheckpointer
@@ -211,11 +212,18 @@ class HisegTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def train(self):
-        """DefaultTrainer.train; when another process of a multi-process run died, the
+        """DefaultTrainer.train; a loss that is not finite stops it with one line naming the
+        iteration (:class:`~hiseg.errors.TrainingDivergedError`); when another process of a multi-process run died, the
         collective this one waited in fails (gloo: at once, the peer's connection closes; NCCL:
         after the process group's timeout) and this says so before re-raising."""
         try:
             return super().train()
+        except FloatingPointError as e:  # SimpleTrainer: "Loss became infinite or NaN at iteration=..."
+            detail = " ".join(str(e).split("\n")[1:]).strip() or str(e)
+            raise TrainingDivergedError(
+                f"training diverged at iteration {self.iter}: the loss is not finite ({detail}); lower "
+                f"SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR:g}), e.g. by 10x, and train again; "
+                f"{self.checkpointer.last_complete()}") from None
         except Exception as e:
             if comm.get_world_size() > 1 and isinstance(e, RuntimeError):  # incl. torch's DistError
                 last = os.path.join(self.cfg.OUTPUT_DIR, "last_checkpoint")

@@ -1,9 +1,12 @@
 """Config keys of the CAST project (``add_cast_config``)."""
+import math
+
 from detectron2.config import CfgNode as CN
 
-from hiseg.config import add_hiseg_config
+from hiseg.config import add_hiseg_config, register_config_check
+from hiseg.errors import ConfigError
 
-__all__ = ["add_cast_config"]
+__all__ = ["add_cast_config", "check_cast_config"]
 
 
 def add_cast_config(cfg):
@@ -84,3 +87,29 @@ def add_cast_config(cfg):
     # (segm/data/utils.py generate_superpixels); Segmenter weights trained with it need it.
     s.SEEDS_INPUT = "rgb"
     return cfg
+
+
+@register_config_check
+def check_cast_config(cfg) -> None:
+    """The widths a CAST encoder can be built with (configs whose ``MODEL.BACKBONE.NAME`` is a
+    CAST backbone): ``MODEL.CAST.EMBED_DIM`` a multiple of 8 (the convolutional stem's channels
+    are EMBED_DIM / 8, / 4, / 2, Appx. B of the paper; the 2-D sin-cos position encoding needs a
+    multiple of 4) and of ``MODEL.CAST.NUM_HEADS`` (attention splits the width into equal
+    heads). Raises :class:`~hiseg.errors.ConfigError` naming the keys and the rule."""
+    model = cfg.get("MODEL", {})
+    if "CAST" not in model or "cast" not in str(model.get("BACKBONE", {}).get("NAME", "")).lower():
+        return
+    dim, heads = model.CAST.EMBED_DIM, model.CAST.NUM_HEADS
+    if not isinstance(heads, int) or heads < 1:
+        raise ConfigError(f"MODEL.CAST.NUM_HEADS {heads!r}: the number of attention heads must be a positive "
+                          f"integer that divides MODEL.CAST.EMBED_DIM ({dim}); e.g. 6 or 12 for 384")
+    if not isinstance(dim, int) or dim < 8 or dim % 8 or dim % heads:
+        step = 8 * heads // math.gcd(8, heads)
+        near = sorted({max(step, dim - dim % step), max(step, dim - dim % step) + step}) if isinstance(dim, int) else []
+        divisors = [h for h in range(1, 33) if isinstance(dim, int) and dim > 0 and dim % h == 0]
+        hint = f"e.g. MODEL.CAST.EMBED_DIM {' or '.join(map(str, near))}" if near else "e.g. 384 (CAST-S)"
+        if isinstance(dim, int) and dim >= 8 and dim % 8 == 0 and divisors:
+            hint += f", or MODEL.CAST.NUM_HEADS one of {', '.join(map(str, divisors[-6:]))}"
+        raise ConfigError(
+            f"MODEL.CAST.EMBED_DIM {dim!r} with MODEL.CAST.NUM_HEADS {heads}: the width must be a multiple of 8 "
+            f"(the convolutional stem) and of NUM_HEADS (attention splits it into equal heads); {hint}")

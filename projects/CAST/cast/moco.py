@@ -120,6 +120,14 @@ class CASTMoCo(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
+    @property
+    def eval_unused_prefixes(self):
+        """State-dict prefixes inference never reads (the training-only MoCo parts, and CAST's
+        dense read-out, which the hierarchy does not use): an evaluated checkpoint need not fill
+        them (``hiseg.checkpoint_io.check_part_filled``)."""
+        unused = ("projector.", "predictor.", "momentum_backbone.", "momentum_projector.")
+        return unused + (("backbone.fuse.", "backbone.out_norms.") if self.is_cast else ())
+
     @classmethod
     def from_config(cls, cfg):
         m, fg = cfg.MODEL.MOCO, cfg.MODEL.CAST.FIGURE_GROUND
