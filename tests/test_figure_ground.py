@@ -331,7 +331,7 @@ def test_train_net_eval_only_figure_ground_on_voc_samples(voc_root, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root), OMP_NUM_THREADS="1")
     log_path = tmp_path / "eval.log"
     args = [sys.executable, "tools/train_net.py", "--config-file", QUICK_FG, "--eval-only",
-            "OUTPUT_DIR", str(tmp_path / "run")]
+            "--eval-random-weights", "OUTPUT_DIR", str(tmp_path / "run")]
     with open(log_path, "w") as log:  # a file, not a PIPE nobody reads (the config dump can fill it)
         proc = subprocess.run(args, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
     text = log_path.read_text()

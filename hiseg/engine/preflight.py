@@ -2,6 +2,7 @@
 started or any model built, so that a bad request is one ``error:`` line (exit status 2) at
 once instead of a traceback minutes later, or a silent wrong result:
 
+* the datasets are registered and their files present (``hiseg.dataset_checks``);
 * devices: ``MODEL.DEVICE cuda`` without a visible GPU; more than one process
   (``--num-gpus`` x ``--num-machines``) without CUDA (detectron2 v0.6's ``launch`` starts its
   workers on GPUs only, with NCCL);
@@ -16,6 +17,7 @@ once instead of a traceback minutes later, or a silent wrong result:
 """
 import torch
 
+from ..dataset_checks import check_datasets
 from ..errors import ConfigError
 from ..paths import ensure_writable_dir
 from .checkpoint import read_last_checkpoint
@@ -34,7 +36,7 @@ def _check_devices(cfg, world_size: int) -> None:
             raise ConfigError(f"MODEL.DEVICE {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); choose one of them")
     if world_size > 1 and not torch.cuda.is_available():
-        raise ConfigError(f"{world_size} processes (--num-gpus x --num-machines) needs CUDA GPUs (detectron2's launch "
+        raise ConfigError(f"a run of {world_size} processes (--num-gpus x --num-machines) needs CUDA GPUs (detectron2's launch "
                           f"starts one process per GPU with NCCL), and none is available here; use --num-gpus 1 "
                           f"--num-machines 1 on a CPU")
 
@@ -68,6 +70,7 @@ def check_run(cfg, *, world_size: int = 1, eval_only: bool = False, resume: bool
               eval_random_weights: bool = False) -> None:
     """Raise a :class:`~hiseg.errors.UserError` (one line) for the problems of the module
     docstring; ``world_size``: the number of processes the run will start."""
+    check_datasets(cfg.DATASETS.TEST if eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
     if eval_only and not len(cfg.DATASETS.TEST):
         raise ConfigError("--eval-only with an empty DATASETS.TEST: there is nothing to evaluate; name the test "
                           "sets, e.g. DATASETS.TEST \"('bsds500_val',)\" (datasets/README.md lists them)")
