@@ -110,7 +110,8 @@ def test_not_a_checkpoint(files):
     # the command, as a new user runs it
     out = subprocess.run(
         [sys.executable, "tools/train_net.py", "--config-file", QUICK, "--eval-only",
-         "MODEL.WEIGHTS", str(files / "garbage.pth"), "OUTPUT_DIR", str(files / "out")],
+         "MODEL.WEIGHTS", str(files / "garbage.pth"), "OUTPUT_DIR", str(files / "out"),
+         "DATASETS.TEST", "('skimage_natural_images',)"],  # --eval-only needs a test set
         cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = _error_line(out.stderr)
     assert out.returncode == 2

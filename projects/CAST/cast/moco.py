@@ -122,11 +122,12 @@ class CASTMoCo(nn.Module):
 
     @property
     def eval_unused_prefixes(self):
-        """State-dict prefixes inference never reads (the training-only MoCo parts, and CAST's
-        dense read-out, which the hierarchy does not use): an evaluated checkpoint need not fill
+        """State-dict prefixes inference never reads (the training-only MoCo parts, and the
+        backbone's dense outputs: CAST's fuse / out_norms, the ViT's pyramid; the hierarchy and
+        the figure-ground mask come from the encoder's tokens): an evaluated checkpoint need not fill
         them (``hiseg.checkpoint_io.check_part_filled``)."""
         unused = ("projector.", "predictor.", "momentum_backbone.", "momentum_projector.")
-        return unused + (("backbone.fuse.", "backbone.out_norms.") if self.is_cast else ())
+        return unused + (("backbone.fuse.", "backbone.out_norms.") if self.is_cast else ("backbone.pyramid.",))
 
     @classmethod
     def from_config(cls, cfg):
