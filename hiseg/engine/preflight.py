@@ -6,7 +6,8 @@ once instead of a traceback minutes later, or a silent wrong result:
 * devices: ``MODEL.DEVICE cuda`` without a visible GPU; more than one process
   (``--num-gpus`` x ``--num-machines``) without CUDA (detectron2 v0.6's ``launch`` starts its
   workers on GPUs only, with NCCL);
-* the batch: ``SOLVER.IMS_PER_BATCH`` must split evenly over the processes;
+* the batch: ``SOLVER.IMS_PER_BATCH`` must split evenly over the processes (and over
+  ``SOLVER.ACCUMULATION_STEPS``: ``hiseg.engine.accumulation.check_accumulation``);
 * what is evaluated: ``--eval-only`` needs test sets (``DATASETS.TEST``) and weights
   (``MODEL.WEIGHTS``, or ``--resume`` with a checkpoint in ``OUTPUT_DIR``); evaluating a randomly
   initialised model takes an explicit ``--eval-random-weights``;
@@ -20,6 +21,7 @@ import torch
 from ..dataset_checks import check_datasets
 from ..errors import ConfigError
 from ..paths import ensure_writable_dir
+from .accumulation import check_accumulation
 from .checkpoint import read_last_checkpoint
 
 __all__ = ["check_run"]
@@ -76,6 +78,7 @@ def check_run(cfg, *, world_size: int = 1, eval_only: bool = False, resume: bool
                           "sets, e.g. DATASETS.TEST \"('bsds500_val',)\" (datasets/README.md lists them)")
     if not eval_only:
         _check_batch(cfg, world_size)
+        check_accumulation(cfg, world_size)  # SOLVER.ACCUMULATION_STEPS and AMP, as the trainer checks them
     _check_devices(cfg, world_size)
     ensure_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     _check_weights(cfg, eval_only, resume, eval_random_weights)

@@ -213,8 +213,8 @@ class HisegTrainer(DefaultTrainer):
 
     def train(self):
         """DefaultTrainer.train; a loss that is not finite stops it with one line naming the
-        iteration (:class:`~hiseg.errors.TrainingDivergedError`); when another process of a multi-process run died, the
-        collective this one waited in fails (gloo: at once, the peer's connection closes; NCCL:
+        iteration (:class:`~hiseg.errors.TrainingDivergedError`); when another process of a
+        multi-process run died, the collective this one waited in fails (gloo: at once, the peer's connection closes; NCCL:
         after the process group's timeout) and this says so before re-raising."""
         try:
             return super().train()
