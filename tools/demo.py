@@ -127,8 +127,9 @@ def _encoder_state_dict(state):
     checkpoint holds two encoders: the online one (ours: ``backbone.encoder.``; the authors':
     ``module.base_encoder.``) and its momentum copy (``momentum_backbone.encoder.``,
     ``module.momentum_encoder.``). The online encoder is the one loaded: it is the encoder the
-    authors evaluate and fine-tune (their loaders keep ``module.base_encoder.*`` only), so keys
-    of the momentum copy are dropped and can never overwrite it."""
+    authors evaluate and fine-tune (twke18/CAST ``moco-v3/main_lincls_suppix.py`` @344d717 keeps
+    ``module.base_encoder.*`` only), so keys of the momentum copy are dropped and can never
+    overwrite it."""
     out = {}
     for k, v in state.items():
         i = k.find("encoder.")
