@@ -351,7 +351,8 @@ def _counted_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
                        if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked"))
 
 
-def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: str, holds: str = "") -> None:
+def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: str, holds: str = "",
+                      not_held: Iterable[str] = ()) -> None:
     """Raise :class:`CheckpointError` when a load (fvcore's ``_IncompatibleKeys``) left the part
     of ``model`` that ``purpose`` uses unfilled, naming the first tensor that did not load:
 
@@ -361,7 +362,8 @@ def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: 
     * ``"evaluate"``: every tensor the model uses at inference: all but those under the model's
       ``eval_unused_prefixes`` (e.g. CASTMoCo's projector, predictor and momentum copies) and,
       for a converted file that declares it holds only ``holds`` (``hiseg.engine.weights_config``),
-      nothing outside that prefix is required (the one-line summary names those tensors);
+      nothing outside that prefix is required, nor the keys it declares ``not_held`` (tensors the
+      released model does not have; the one-line summary names all of those);
     * ``"finetune"`` (training from ``MODEL.WEIGHTS``): the backbone: no backbone tensor of
       another shape, and at least :data:`MIN_BACKBONE_FILLED` of its weights loaded. Heads may
       differ (e.g. another class count); a model without a ``backbone`` is left to
@@ -378,7 +380,9 @@ def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: 
         required = [k for k in state if k.startswith("backbone.")]
     elif purpose == "evaluate":
         skip = tuple(getattr(model, "eval_unused_prefixes", ()) or ())
-        required = [k for k in state if not (skip and k.startswith(skip)) and (not holds or k.startswith(holds))]
+        not_held = set(not_held)
+        required = [k for k in state if not (skip and k.startswith(skip)) and (not holds or k.startswith(holds))
+                    and k not in not_held]
     elif purpose == "resume":
         required = list(state)
     else:

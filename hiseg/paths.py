@@ -1,11 +1,9 @@
-"""Where the project finds data it does not ship, and whether it can write where it is told to.
+"""Where the project finds data it does not ship.
 
 ``HISEG_SHARED_DATA`` points at the folder of real test data (BSDS500, COCO samples, ...). When
 unset it defaults to ``../shared/data`` next to the repository, if that folder exists.
 """
-import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -33,30 +31,3 @@ def repo_relative(path: str) -> str:
 def datasets_root() -> Path:
     """Detectron2's dataset root (``$DETECTRON2_DATASETS``, default ``./datasets``)."""
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-
-
-def ensure_writable_dir(path: str, what: str = "output folder") -> str:
-    """Create the folder ``path`` if needed and check that a file can be written in it (a
-    temporary file is created and removed), so that a run fails at its start, not when it
-    writes its first result. Raises :class:`~hiseg.errors.OutputError` (one line naming
-    ``what`` and the path, exit status 2): read-only, not a folder, no permission, disk full.
-    Returns ``path``."""
-    from .errors import OutputError
-
-    path = os.fspath(path)
-    fix = f"give a writable folder as {what}"
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        raise OutputError(f"{what} {path}: exists and is not a folder; {fix}") from None
-    except OSError as e:
-        raise OutputError(f"{what} {path}: cannot create this folder ({e.strerror}); {fix}") from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-write-check-", dir=path)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{what} {path}: no space left on device; free some space or {fix}") from None
-        raise OutputError(f"{what} {path}: cannot write in this folder ({e.strerror}); {fix}") from None
-    return path

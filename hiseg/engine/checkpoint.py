@@ -160,9 +160,9 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
             check_weights_config(self._cfg, meta, path, self._evaluating, self.logger)
         incompatible = super()._load_model(checkpoint)
         purpose = "resume" if self._resuming else "evaluate" if self._evaluating else "finetune"
-        holds = (meta or {}).get("holds", "") if purpose == "evaluate" else ""
+        declared = (meta or {}) if purpose == "evaluate" else {}
         check_part_filled(self.model, incompatible, getattr(self, "_loading_path", "") or "checkpoint", purpose,
-                          holds)
+                          declared.get("holds", ""), declared.get("not_held", ()))
         return incompatible
 
     def _log_incompatible_keys(self, incompatible) -> None:

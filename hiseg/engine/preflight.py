@@ -18,9 +18,9 @@ once instead of a traceback minutes later, or a silent wrong result:
 """
 import torch
 
+from ..cli import check_device, check_output_dir
 from ..dataset_checks import check_datasets
 from ..errors import ConfigError
-from ..paths import ensure_writable_dir
 from .accumulation import check_accumulation
 from .checkpoint import read_last_checkpoint
 
@@ -28,15 +28,7 @@ __all__ = ["check_run"]
 
 
 def _check_devices(cfg, world_size: int) -> None:
-    device = str(cfg.MODEL.DEVICE)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"MODEL.DEVICE {device}: no CUDA GPU is available on this machine "
-                              f"(torch.cuda.is_available() is False); add MODEL.DEVICE cpu to the command line")
-        index = device.partition(":")[2]
-        if index.isdigit() and int(index) >= torch.cuda.device_count():
-            raise ConfigError(f"MODEL.DEVICE {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); choose one of them")
+    check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
     if world_size > 1 and not torch.cuda.is_available():
         raise ConfigError(f"a run of {world_size} processes (--num-gpus x --num-machines) needs CUDA GPUs (detectron2's launch "
                           f"starts one process per GPU with NCCL), and none is available here; use --num-gpus 1 "
@@ -80,5 +72,5 @@ def check_run(cfg, *, world_size: int = 1, eval_only: bool = False, resume: bool
         _check_batch(cfg, world_size)
         check_accumulation(cfg, world_size)  # SOLVER.ACCUMULATION_STEPS and AMP, as the trainer checks them
     _check_devices(cfg, world_size)
-    ensure_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     _check_weights(cfg, eval_only, resume, eval_random_weights)
