@@ -51,6 +51,22 @@ def test_two_view_mapper_gives_views_with_matching_superpixels():
     assert not torch.equal(d["view1"], d["view2"])
 
 
+def test_two_view_mapper_at_evaluation_gives_the_image_the_model_infers_on():
+    """--eval-only / TEST.EVAL_PERIOD with the MoCo config: the test loader's mapper gives one
+    resized ``image`` with its superpixels, and CASTMoCo's inference reads it (was KeyError 'image')."""
+    from cast.moco_mapper import MoCoTwoViewMapper
+
+    cfg = make_cfg("INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 128)
+    record = DatasetCatalog.get("skimage_natural_images")[0]
+    d = MoCoTwoViewMapper(cfg, False)(record)
+    assert "view1" not in d and d["image"].dtype == torch.uint8 and min(d["image"].shape[1:]) == 64
+    sp = d["superpixels"]
+    assert sp.shape == d["image"].shape[1:] and int(sp.max()) + 1 == len(torch.unique(sp))
+    model = build_model(cfg).eval()
+    out = model([d])[0]
+    assert out["hierarchy"].shape[-2:] == (record["height"], record["width"])
+
+
 def test_moco_trains_losses_finite_and_changing_and_teacher_moves():
     from cast.moco_mapper import MoCoTwoViewMapper
 

@@ -16,11 +16,13 @@ import copy
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from detectron2.data import DatasetMapper
 from torchvision import transforms as T
 
 from hiseg.engine.trainer import MAPPER_REGISTRY
 from hiseg.image_io import read_image
 
+from .data_mapper import superpixels_for_image_tensor
 from .superpixels import SuperpixelConfig, compute_superpixels
 
 __all__ = ["MoCoTwoViewMapper", "mapper_computes_superpixels"]
@@ -72,15 +74,30 @@ def mapper_computes_superpixels(cfg) -> bool:
 
 @MAPPER_REGISTRY.register()
 class MoCoTwoViewMapper:
+    """Training: two augmented views (``view1`` / ``view2``, with ``superpixels1`` / ``2``).
+    Evaluation (``is_train=False``, e.g. ``--eval-only`` or ``TEST.EVAL_PERIOD`` on BSDS500): one
+    ``image`` resized as detectron2's test mapper does (``INPUT.MIN_SIZE_TEST`` /
+    ``MAX_SIZE_TEST``), with its ``superpixels`` under the same rule as the views, which is what
+    :meth:`cast.CASTMoCo.inference` reads."""
+
     def __init__(self, cfg, is_train: bool = True):
+        self.is_train = is_train
+        self.with_superpixels = mapper_computes_superpixels(cfg)
+        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
+        self.image_format = cfg.INPUT.FORMAT
+        if not is_train:
+            self.test_mapper = DatasetMapper(cfg, False)
+            return
         size = cfg.INPUT.CROP.SIZE[0]
         scale_min = cfg.MODEL.MOCO.CROP_MIN_SCALE
         self.views = [_view_transform(size, 1.0, 0.0, scale_min), _view_transform(size, 0.1, 0.2, scale_min)]
-        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
-        self.image_format = cfg.INPUT.FORMAT
-        self.with_superpixels = mapper_computes_superpixels(cfg)
 
     def __call__(self, dataset_dict):
+        if not self.is_train:
+            out = self.test_mapper(copy.deepcopy(dataset_dict))
+            if self.with_superpixels:
+                out["superpixels"] = superpixels_for_image_tensor(out["image"], self.image_format, self.superpixel_cfg)
+            return out
         d = copy.deepcopy(dataset_dict)
         img = Image.fromarray(read_image(d["file_name"], "RGB"))  # EXIF-oriented, 16-bit scaled
         for k, tf in enumerate(self.views, start=1):
