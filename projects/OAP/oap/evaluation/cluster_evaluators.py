@@ -19,7 +19,8 @@ Evaluators (and their ``evaluator_type`` in ``hiseg.engine.trainer.EVALUATOR_FAC
   class-agnostic box and mask AP / AP50 / AR100. On a one-category set (CutLER's
   ``cls_agnostic_*``) it is detectron2's ``COCOEvaluator`` as is; on a class-aware COCO-format set
   it scores against a class-agnostic copy of the ground truth (every category -> ``fg``, made by
-  ``datasets/prepare_cls_agnostic_coco.py``'s ``make_class_agnostic`` and written to the output
+  :func:`hiseg.data.datasets.cls_agnostic.class_agnostic_coco`, the rewrite of
+  ``datasets/prepare_cls_agnostic_coco.py``, and written to the output
   folder) with every prediction in that category.
 * :class:`ClusterCOCOEvaluator` (``"coco_cluster"``): zero-shot class-aware instance segmentation.
 * :class:`ClusterPanopticEvaluator` (``"coco_panoptic_seg_cluster"``): PQ / SQ / RQ.
@@ -45,8 +46,6 @@ The standard evaluators' own dumps go to ``<output_dir>/<evaluator_type>/`` so t
 sharing a folder do not overwrite each other's ``coco_instances_results.json`` etc.
 """
 import contextlib
-import functools
-import importlib.util
 import io
 import json
 import logging
@@ -73,6 +72,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from hiseg.compat import coco_evaluator_kwargs
+from hiseg.data.datasets.cls_agnostic import class_agnostic_coco
 from hiseg.data.datasets.common import atomic_write_json
 
 from .cluster_mapping import (
@@ -153,38 +153,14 @@ def _subdir(output_dir: Optional[str], name: str) -> Optional[str]:
     return os.path.join(output_dir, name) if output_dir else None
 
 
-_PREPARE_SCRIPT = os.path.join("datasets", "prepare_cls_agnostic_coco.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _prepare_script_converter():
-    """``make_class_agnostic`` of ``datasets/prepare_cls_agnostic_coco.py`` (not a package, so
-    imported from its file), or None when the script is not next to the installed ``hiseg``."""
-    from hiseg.paths import REPO_ROOT
-
-    path = os.path.join(str(REPO_ROOT), _PREPARE_SCRIPT)
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location("_oap_prepare_cls_agnostic_coco", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, "make_class_agnostic", None)
-
-
 def class_agnostic_coco_dict(coco: dict) -> dict:
     """The class-agnostic copy of a COCO instances dict: one category ``{"id": 1, "name": "fg"}``
-    and every annotation in it, everything else unchanged (the input is not modified).
-
-    Uses the prepare script's ``make_class_agnostic`` (CutLER's ``cls_agnostic_*`` files) when the
-    repository's ``datasets/`` folder is present; otherwise the same rewrite, done here.
+    and every annotation in it, everything else unchanged (the input is not modified): CutLER's
+    ``cls_agnostic_*`` files, as ``datasets/prepare_cls_agnostic_coco.py`` writes them, made by
+    the same function (:func:`hiseg.data.datasets.cls_agnostic.class_agnostic_coco`).
     """
     if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
         raise ValueError("expected a COCO instances dict with 'images' and 'annotations'")
-    convert = _prepare_script_converter()
-    if convert is not None:
-        return convert(coco, show_progress=False)
-    from ..pseudo_label_io import class_agnostic_coco
-
     return class_agnostic_coco(coco)
 
 
