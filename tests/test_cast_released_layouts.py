@@ -194,8 +194,11 @@ def _convert_and_load(tmp_path, capsys, caplog, src, config, extra=(), evaluatin
     torch.manual_seed(5)
     model = build_model(cfg).eval()
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        AtomicDetectionCheckpointer(model, cfg=cfg, evaluating=evaluating).load(str(dst))
+    checkpointer = AtomicDetectionCheckpointer(model, cfg=cfg, evaluating=evaluating)
+    # at the checkpointer's own logger too: an earlier test in the same process (the main job,
+    # run in-process) may have quietened the fvcore loggers to WARNING
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger=checkpointer.logger.name):
+        checkpointer.load(str(dst))
     return model, printed.out, [r.getMessage() for r in caplog.records]
 
 
