@@ -29,6 +29,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
+import hiseg  # noqa: E402,F401  (before torch and detectron2: it quietens their import-time warnings)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -73,6 +73,7 @@ for _p in (REPO, os.path.join(REPO, "projects", "OAP"), os.path.join(REPO, "proj
     if _p not in sys.path:
         sys.path.insert(0, _p)  # run from a checkout without installing
 
+import hiseg  # noqa: E402,F401  (before torch and detectron2: it quietens their import-time warnings)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
