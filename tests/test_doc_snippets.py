@@ -1,4 +1,5 @@
-"""Every code block of README.md and docs/*.md runs as written.
+"""Every code block of README.md and docs/*.md either runs as written here or carries a skip
+marker with its reason (most shell blocks do: they train, need data or a GPU); no block escapes both.
 
 The ```python blocks run in a subprocess of this test's interpreter (the venv's python), one
 after the other, each in a fresh namespace as a script (``__name__ == "__main__"``): importing

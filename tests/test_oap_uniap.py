@@ -286,9 +286,12 @@ def test_pinned_threads_sets_every_pool_and_restores():
 
     from hiseg.threads import pinned_threads
 
+    torch.set_num_threads(2)  # not the module's 1, so that a missing restore shows
     before = [p["num_threads"] for p in threadpool_info()], torch.get_num_threads()
     with pinned_threads(1) as pools:
         assert {p["num_threads"] for p in pools} == {1}
         assert any(p["api"] == "blas" for p in pools)
         assert {p["num_threads"] for p in threadpool_info()} == {1} and torch.get_num_threads() == 1
-    assert ([p["num_threads"] for p in threadpool_info()], torch.get_num_threads()) == before
+    after = [p["num_threads"] for p in threadpool_info()], torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert after == before

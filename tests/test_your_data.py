@@ -228,3 +228,14 @@ def test_walk_folder_to_detector_ap(shared_data, tmp_path, monkeypatch):
     results = Path("detector/inference/cls_agnostic_pseudo_train.json/coco_instances_results.json")
     predictions = json.loads(results.read_text())
     assert predictions and {p["category_id"] for p in predictions} == {1}
+
+
+def test_no_predictions_message_names_only_the_keys_of_the_model():
+    """Unobserved scores (RetinaNet: only ROI box heads are probed) name the model's own key and
+    none of the ROI heads' keys; an observed low score says it was below the threshold."""
+    from hiseg.evaluation.no_predictions import no_predictions_message
+
+    line = no_predictions_message("d", 3, None, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.05)
+    assert "MODEL.RETINANET.SCORE_THRESH_TEST 0.0" in line and "ROI_HEADS" not in line
+    line = no_predictions_message("d", 1, 0.01, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05)
+    assert "below MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05" in line and "0.0100" in line

@@ -82,8 +82,11 @@ def no_predictions_message(dataset_name: str, num_images: int, max_score: Option
     head = f"No predictions on {dataset_name} ({num_images} image{'s' if num_images != 1 else ''}), so its AP is nan"
     if key is None:
         return head + ": the model returned no instance on any image."
-    seen = "no box was scored" if max_score is None else f"the highest class score seen was {max_score:.4f}"
-    if max_score is not None and threshold is not None and max_score <= threshold:
+    if max_score is None:  # scores not observed (e.g. RetinaNet: only ROI box heads are probed)
+        return (f"{head}: no detection passed {key} = {threshold:g} and the filtering after it; a briefly "
+                f"trained model scores low: set `{key} 0.0` to evaluate all its detections, or train longer.")
+    seen = f"the highest class score seen was {max_score:.4f}"
+    if threshold is not None and max_score <= threshold:
         return (f"{head}: every detection scored below {key} = {threshold:g} ({seen}); a briefly "
                 f"trained model scores low: set `{key} 0.0` to evaluate all its detections, or train longer.")
     return (f"{head}: {seen} against {key} = {threshold:g}; the boxes were dropped after scoring "

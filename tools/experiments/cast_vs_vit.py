@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CAST vs ViT + K-means at an equal wall-clock budget (issue 11 items 1-2; docs/cast_vs_vit.md).
+"""CAST vs ViT + K-means at an equal wall-clock budget (docs/cast_vs_vit.md).
 
 Only parses the command line: the experiment is ``cast.experiments.cast_vs_vit``. Examples::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the OAP student surpass its own pseudo-masks? (issue 11 item 3; docs/oap_student_vs_pseudo_masks.md)
+"""Does the OAP student surpass its own pseudo-masks? (docs/oap_student_vs_pseudo_masks.md)
 
 Only parses the command line: the experiment is ``oap.experiments.student_vs_pseudo_masks``::
 

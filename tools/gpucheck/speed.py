@@ -1,6 +1,6 @@
 """Speed on the device: ratios measured side by side in one run (alternating calls, medians).
 
-Goals (issue 12) and the papers' figures:
+Goals and the papers' figures:
 
 * CAST + superpixels / ViT time: <= 0.75 (CAST paper: 217 / 273 ms = 0.79, superpixels excluded);
 * FPS share of graph pooling: <= 10% (CAST paper, Table 8: about 60%);

@@ -1,3 +1,3 @@
 """Experiments built from the library: training under a wall-clock budget (:mod:`.budget`) and
-the CAST vs ViT comparison of issue 11 (:mod:`.cast_vs_vit`, CLI
+the CAST vs ViT comparison (:mod:`.cast_vs_vit`, CLI
 ``tools/experiments/cast_vs_vit.py``)."""

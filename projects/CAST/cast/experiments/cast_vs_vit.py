@@ -1,4 +1,4 @@
-"""CAST vs ViT + K-means at an equal wall-clock budget (issue 11, items 1-2; docs/cast_vs_vit.md).
+"""CAST vs ViT + K-means at an equal wall-clock budget (docs/cast_vs_vit.md).
 
 For every seed, a small CAST (``configs/CAST/experiments/moco_cast_small_natural_cpu.yaml``) and
 the ViT of the same width and depth (``moco_vit_small_natural_cpu.yaml``) are pre-trained with
@@ -828,7 +828,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="tools/experiments/cast_vs_vit.py",
         description="CAST vs ViT + K-means pre-trained with MoCo-v3 for the same wall-clock budget, scored on "
-                    "BSDS500 val along the way (issue 11; docs/cast_vs_vit.md). Re-running resumes.")
+                    "BSDS500 val along the way (docs/cast_vs_vit.md). Re-running resumes.")
     ap.add_argument("--out", default=None, help="output folder (default output/cast_vs_vit, "
                                                 "output/cast_vs_vit_quick with --quick)")
     ap.add_argument("--budget-minutes", type=float, default=None,

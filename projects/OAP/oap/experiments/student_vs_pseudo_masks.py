@@ -1,4 +1,4 @@
-"""Does the OAP student surpass its own pseudo-masks? (issue 11 item 3; docs/oap_student_vs_pseudo_masks.md)
+"""Does the OAP student surpass its own pseudo-masks? (docs/oap_student_vs_pseudo_masks.md)
 
 OAP's central claim (Sec. 1, Sec. 5, Table 1 vs Table 2) is that the universal segmenter trained
 on the teacher's online OAP pseudo-masks segments better than those pseudo-masks do. This module
