@@ -547,10 +547,10 @@ def parse_args(argv=None):
     o.add_argument("--unique", action="store_true",
                    help="write a mask repeated by a later layer (a supernode that did not merge) once, at its "
                         "first layer, as the training targets keep it (oap/modeling/pseudo_targets.py)")
-    o.add_argument("--max-area-fraction", type=float, default=DEFAULT_MAX_AREA_FRACTION, metavar="F",
+    o.add_argument("--max-area-fraction", type=bounded(float, 0, 1, lo_open=True), default=DEFAULT_MAX_AREA_FRACTION, metavar="F",
                    help="drop masks covering more than this fraction of their image (1: keep all); default "
                         "chosen by measurement, docs/your_data.md")
-    o.add_argument("--max-per-image", type=int, default=DEFAULT_MAX_PER_IMAGE, metavar="N",
+    o.add_argument("--max-per-image", type=bounded(int, 0), default=DEFAULT_MAX_PER_IMAGE, metavar="N",
                    help="keep at most N masks per image, highest score first (0: all)")
     o.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
                    help="feature grid -> original image size")
@@ -572,8 +572,6 @@ def parse_args(argv=None):
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_vis < 0:
         ap.error("--max-vis must be >= 0")
-    if not 0 < args.max_area_fraction <= 1 or args.max_per_image < 0:
-        ap.error("--max-area-fraction must be in (0, 1] and --max-per-image >= 0")
     return args
 
 

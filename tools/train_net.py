@@ -24,7 +24,6 @@ from detectron2.evaluation import verify_results  # noqa: E402
 import hiseg.data  # noqa: E402,F401  (registers datasets)
 from hiseg.cli import merge_config, run_cli  # noqa: E402
 from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_from_cfg  # noqa: E402
-from hiseg.dataset_checks import check_datasets  # noqa: E402
 from hiseg.setup import add_all_configs  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
 from hiseg.engine.preflight import check_run  # noqa: E402
@@ -43,8 +42,7 @@ def build_cfg(args):
 
 
 def setup(args):
-    cfg = build_cfg(args)
-    check_datasets(cfg.DATASETS.TEST if args.eval_only else (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST))
+    cfg = build_cfg(args)  # the datasets were checked by check_run in the launching process
     default_setup(cfg, args)
     return cfg
 

@@ -102,16 +102,22 @@ def detect_format(obj: Any, path: Optional[str] = None) -> str:
         f"ViT state dict ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight').")
 
 
+def _state_dict_under(obj: Mapping, key: str, fmt: str, fallback_to_obj: bool = True) -> Mapping:
+    """``obj[key]`` (or ``obj`` itself when the key is absent and ``fallback_to_obj``), which must
+    be a state dict; else one line naming the layout and the file's first keys."""
+    sd = obj.get(key, obj if fallback_to_obj else None)
+    if not _is_state_dict(sd):
+        raise CheckpointConversionError(f"{fmt}: expected a state dict under {key!r}; first keys {_first_keys(obj)}")
+    return sd
+
+
 def extract_state_dict(obj: Any, fmt: str, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """The backbone's tensors under the original names, and messages on what was left out."""
     msgs: List[str] = []
     if not isinstance(obj, Mapping):
         raise CheckpointConversionError(f"unknown checkpoint layout: expected a dict, got {type(obj).__name__}")
     if fmt in ("cast-moco", "cast-seg-moco"):
-        sd = obj.get("state_dict", obj)
-        if not _is_state_dict(sd):
-            raise CheckpointConversionError(
-                f"{fmt}: expected a state dict under 'state_dict'; first keys {_first_keys(obj)}")
+        sd = _state_dict_under(obj, "state_dict", fmt)
         prefix = next((p for p in _MOCO_PREFIXES if any(k.startswith(p) for k in sd)), None)
         if prefix is None:
             if not _looks_cast(sd):
@@ -130,25 +136,15 @@ def extract_state_dict(obj: Any, fmt: str, use_ema: bool = False) -> Tuple[Dict[
         return kept, msgs
     if fmt == "cast-deit":
         key = "model_ema" if use_ema else "model"
-        sd = obj.get(key, obj if key == "model" else None)
-        if not _is_state_dict(sd):
-            raise CheckpointConversionError(
-                f"cast-deit: expected a state dict under {key!r}; first keys {_first_keys(obj)}")
+        sd = _state_dict_under(obj, key, fmt, fallback_to_obj=key == "model")
         if use_ema:
             msgs.append("using the EMA weights ('model_ema')")
         return _strip_common_prefix(sd, "module."), msgs
     if fmt == "cast-lincls":
-        sd = obj.get("state_dict", obj)
-        if not _is_state_dict(sd):
-            raise CheckpointConversionError(
-                f"cast-lincls: expected a state dict under 'state_dict'; first keys {_first_keys(obj)}")
+        sd = _state_dict_under(obj, "state_dict", fmt)
         return _strip_common_prefix(sd, "module."), msgs
     if fmt == "cast-segmenter":
-        sd = obj.get("model", obj)
-        if not _is_state_dict(sd):
-            raise CheckpointConversionError(
-                f"cast-segmenter: expected a state dict under 'model'; first keys {_first_keys(obj)}")
-        sd = _strip_common_prefix(sd, "module.")
+        sd = _strip_common_prefix(_state_dict_under(obj, "model", fmt), "module.")
         other = sorted({k.split(".")[0] for k in sd if not k.startswith(("encoder.", "decoder."))})
         if other:
             raise CheckpointConversionError(
