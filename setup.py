@@ -1,9 +1,9 @@
-"""Installs the shared package ``hiseg`` and the two Detectron2 projects ``cast`` and ``oap``."""
+"""Installs the shared package ``hiseg`` and the two Detectron2 projects ``hiseg_cast`` and ``hiseg_oap``."""
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["hiseg", "hiseg.*"])
 package_dir = {}
-for name, where in (("cast", "projects/CAST"), ("oap", "projects/OAP")):
+for name, where in (("hiseg_cast", "projects/CAST"), ("hiseg_oap", "projects/OAP")):
     for p in find_packages(where=where, include=[name, name + ".*"]):
         packages.append(p)
         package_dir[p] = where + "/" + p.replace(".", "/")

@@ -6,7 +6,15 @@ __all__ = ["add_hiseg_config", "register_config_check", "check_config"]
 
 
 def add_hiseg_config(cfg):
-    """Add the shared keys (idempotent: a second call changes nothing, not even merged values)."""
+    """Add the keys of the shared core: solver, input, test and dataset keys, the plain ViT
+    (``MODEL.VIT``) and the ViT + K-means baseline (``MODEL.VIT_KMEANS``). Each project's
+    ``add_<project>_config`` calls it. Idempotent: a second call changes nothing, not even merged
+    values."""
+    from .modeling.config import add_vit_config
+    from .modeling.vit_kmeans import add_vit_kmeans_config
+
+    add_vit_config(cfg)
+    add_vit_kmeans_config(cfg)
     if "HISEG" in cfg:
         return cfg
     s = cfg.SOLVER

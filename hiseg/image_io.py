@@ -196,7 +196,7 @@ def _scaled_to_uint8(im, path: str) -> np.ndarray:
       ``[0, 65535]`` (how some decoders hand over 16-bit files), else mapped linearly from the
       image's [min, max] to [0, 255] (there is no fixed white for signed 32-bit data);
     * ``F`` (32-bit float): ``[0, 1]`` data times 255 when every value lies in ``[0, 1]``, else
-      taken as ``[0, 255]`` and clipped (the convention of ``cast.superpixels.to_rgb_uint8``).
+      taken as ``[0, 255]`` and clipped (the convention of ``hiseg_cast.superpixels.to_rgb_uint8``).
 
     PIL's own ``convert("RGB")`` clips such samples at 255 instead, which makes a typical 16-bit
     photograph almost entirely white."""

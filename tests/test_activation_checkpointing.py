@@ -4,7 +4,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -16,7 +16,7 @@ def _cfg(*opts):
 
 
 def _cast_encoder(checkpointing):
-    from cast.modeling.backbone import encoder_from_cfg
+    from hiseg_cast.modeling.backbone import encoder_from_cfg
 
     # stochastic depth and pooling dropout on: the recomputation must draw the same masks
     return encoder_from_cfg(_cfg("MODEL.CAST.EMBED_DIM", 32, "MODEL.CAST.NUM_HEADS", 2, "MODEL.CAST.DEPTHS", [2, 1],
@@ -33,7 +33,7 @@ def _vit(checkpointing):
 
 
 def _adapter(checkpointing):
-    from oap.modeling.vit_adapter import build_vit_adapter_backbone
+    from hiseg_oap.modeling.vit_adapter import build_vit_adapter_backbone
 
     return build_vit_adapter_backbone(_cfg(
         "MODEL.VIT.EMBED_DIM", 32, "MODEL.VIT.DEPTH", 4, "MODEL.VIT.NUM_HEADS", 2, "MODEL.VIT.PATCH_SIZE", 8,

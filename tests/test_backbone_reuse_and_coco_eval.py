@@ -20,7 +20,7 @@ BASE_S = str(ROOT / "configs" / "CAST" / "Base-CAST-S.yaml")
 
 
 def _cast_cfg():
-    from cast import add_cast_config
+    from hiseg_cast import add_cast_config
 
     cfg = get_cfg()
     add_cast_config(cfg)
@@ -35,9 +35,9 @@ def test_add_cast_config_alone_loads_the_cast_yaml_files():
 
 
 def test_config_functions_are_idempotent():
-    from cast import add_cast_config
+    from hiseg_cast import add_cast_config
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = _cast_cfg()
     cfg.merge_from_file(BASE_S)
@@ -62,7 +62,7 @@ def _tiny_fpn_cfg(**fpn):
 def test_cast_fpn_without_in_features_uses_res2_to_res5():
     from detectron2.modeling import build_backbone
 
-    import cast  # noqa: F401  (registers the backbones)
+    import hiseg_cast  # noqa: F401  (registers the backbones)
 
     torch.manual_seed(0)
     backbone = build_backbone(_tiny_fpn_cfg()).eval()
@@ -75,7 +75,7 @@ def test_cast_fpn_without_in_features_uses_res2_to_res5():
 def test_cast_fpn_unknown_in_features_names_the_key():
     from detectron2.modeling import build_backbone
 
-    import cast  # noqa: F401
+    import hiseg_cast  # noqa: F401
 
     with pytest.raises(ValueError, match=r"MODEL.FPN.IN_FEATURES \['res6'\].*res2"):
         build_backbone(_tiny_fpn_cfg(IN_FEATURES=["res4", "res6"]))

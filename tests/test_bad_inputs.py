@@ -293,7 +293,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
 def test_config_key_and_file(tmp_path):
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     train_net = _tool("train_net")
     rc, _, err = _run(train_net.cli, ["--config-file", QUICK, "--eval-only", "MODEL.CAST.NUM_SEGMENT", "[8,4]"])
@@ -371,7 +371,7 @@ def test_empty_dataset(tmp_path):
 
     from hiseg.data.datasets.bsds500 import load_bsds500_dicts
     from hiseg.engine import HisegTrainer
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     (tmp_path / "images").mkdir()
     (tmp_path / "gt").mkdir()

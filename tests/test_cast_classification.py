@@ -12,13 +12,13 @@ from detectron2.utils.events import EventStorage
 import hiseg.data  # noqa: F401  (registers the datasets)
 from hiseg.engine import build_hiseg_optimizer
 from hiseg.evaluation.classification import ClassificationEvaluator, build_classification_evaluators, topk_indices
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
-import cast.classification  # noqa: F401  (registers the meta-architectures)
-from cast.classification import (CosinePrototypeClassifier, SuperpixelMixup, cutmix_superpixels, norm_parameters,
+import hiseg_cast.classification  # noqa: F401  (registers the meta-architectures)
+from hiseg_cast.classification import (CosinePrototypeClassifier, SuperpixelMixup, cutmix_superpixels, norm_parameters,
                                  overlay_superpixels, smoothed_one_hot, soft_target_cross_entropy, tent_adapt)
-from cast.classification_config import add_cast_classification_config
-from cast.cls_mapper import CASTClassificationMapper
+from hiseg_cast.classification_config import add_cast_classification_config
+from hiseg_cast.cls_mapper import CASTClassificationMapper
 
 CFG = "configs/CAST/quick/deit_cast_tiny_skimage_cpu.yaml"
 TINY = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
@@ -74,7 +74,7 @@ def test_evaluator_top1_top5_by_hand():
 
 
 def test_evaluator_factory_wiring_and_mapper(tmp_path):
-    from hiseg.engine.trainer import EVALUATOR_FACTORIES, build_evaluators
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES, build_evaluators
 
     cfg = make_cfg("OUTPUT_DIR", str(tmp_path))
     EVALUATOR_FACTORIES.setdefault("classification", build_classification_evaluators)
@@ -347,7 +347,7 @@ def test_tent_adapts_only_norm_layers():
 
 def test_tiny_config_trains_and_evaluates_with_the_trainer(tmp_path):
     from hiseg.engine import HisegTrainer
-    from hiseg.engine.trainer import EVALUATOR_FACTORIES
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES
 
     EVALUATOR_FACTORIES.setdefault("classification", build_classification_evaluators)
     cfg = make_cfg("SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.WARMUP_ITERS", 1,

@@ -7,7 +7,7 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 TINY = ["MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4,
         "MODEL.CAST.DEPTHS", [1, 1, 1, 1], "MODEL.CAST.NUM_SEGMENTS", [24, 12, 6, 3],
@@ -100,7 +100,7 @@ def test_mask_rcnn_with_cast_fpn_trains_and_infers():
 
 
 def test_cast_dataset_mapper_adds_superpixels(shared_data):
-    from cast.data_mapper import CASTDatasetMapper, batch_superpixels
+    from hiseg_cast.data_mapper import CASTDatasetMapper, batch_superpixels
 
     cfg = cfg_from("configs/CAST/Base-CAST-S.yaml", "INPUT.MIN_SIZE_TRAIN", (120,), "INPUT.MAX_SIZE_TRAIN", 200)
     mapper = CASTDatasetMapper(cfg, is_train=True)

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cast.modeling import CASTEncoder, GraphPool, compose_hierarchy, sincos_position_embedding
-from cast.modeling.fps import farthest_point_sampling, farthest_point_sampling_reference
-from cast.modeling.segment_ops import grid_to_segment_matrix, segment_mean_direct, segment_to_grid_matrix
-from cast.superpixels import SuperpixelConfig, compute_superpixels, grid_superpixels, to_rgb_uint8
+from hiseg_cast.modeling import CASTEncoder, GraphPool, compose_hierarchy, sincos_position_embedding
+from hiseg_cast.modeling.fps import farthest_point_sampling, farthest_point_sampling_reference
+from hiseg_cast.modeling.segment_ops import grid_to_segment_matrix, segment_mean_direct, segment_to_grid_matrix
+from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels, grid_superpixels, to_rgb_uint8
 
 
 def tiny_encoder(**kw):
@@ -310,7 +310,7 @@ def test_interpolation_taps_equal_torch_interpolate(mode, sizes):
 def test_stretched_position_table_equals_bicubic_upsample_then_average():
     """POS_RESIZE stretch (released segmentation code): segment mean of the POS_GRID table
     resized bicubically to each image's own extent; padding rows / columns excluded."""
-    from cast.modeling.segment_ops import image_extents
+    from hiseg_cast.modeling.segment_ops import image_extents
 
     labels = torch.stack([torch.from_numpy(grid_superpixels(50, 77, 23)), torch.from_numpy(grid_superpixels(50, 77, 9))])
     labels[1, 41:, :] = -1

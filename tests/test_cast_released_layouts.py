@@ -178,7 +178,7 @@ def _convert_and_load(tmp_path, capsys, caplog, src, config, extra=(), evaluatin
     from detectron2.modeling import build_model
 
     from hiseg.engine import AtomicDetectionCheckpointer
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     dst = tmp_path / "converted.pth"
     cfg_path = os.path.join(ROOT, "configs", "CAST", config)
@@ -319,9 +319,9 @@ def test_released_segmenter_seeds_input(tmp_path):
     import numpy as np
     from skimage import data
 
-    from cast.superpixels import SuperpixelConfig, compute_superpixels
+    from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels
     from detectron2.config import get_cfg
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     image = np.ascontiguousarray(data.astronaut()[100:196, 150:246])
     cfg = get_cfg()
@@ -342,7 +342,7 @@ def test_released_segmenter_seeds_input(tmp_path):
 def test_moco_conv_stem_vit_is_refused_with_the_reason(tmp_path):
     """The authors' MoCo-v3 ViT baselines (``-a vit_conv_small``: a convolutional stem,
     ``patch_embed.proj.{0..12}``, then 11 blocks) do not fit our linear-patch ViT: one line says why."""
-    from cast.checkpoint import CheckpointConversionError, convert_checkpoint
+    from hiseg_cast.checkpoint import CheckpointConversionError, convert_checkpoint
 
     sd = {"module.base_encoder.patch_embed.proj.0.weight": torch.zeros(8, 3, 3, 3),
           "module.base_encoder.patch_embed.proj.12.weight": torch.zeros(64, 64, 1, 1),

@@ -272,8 +272,8 @@ def _converted_model(tmp_path, config, learned_pos, overrides=()):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from cast.checkpoint import convert_checkpoint, find_prefix, save_detectron2_checkpoint
-    from hiseg.setup import add_all_configs
+    from hiseg_cast.checkpoint import convert_checkpoint, find_prefix, save_detectron2_checkpoint
+    from helpers import add_all_configs
 
     sd = random_official_cast(learned_pos=learned_pos)
     src = str(tmp_path / "official.pth")
@@ -473,7 +473,7 @@ def test_expected_missing_keys_are_one_line(tmp_path, capsys, caplog):
     from detectron2.modeling import build_model
 
     from hiseg.engine import AtomicDetectionCheckpointer
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     dst, _ = _convert_tiny(tmp_path, capsys)
     cfg = get_cfg()

@@ -12,12 +12,12 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
-from cast.data_mapper import superpixels_for_image_tensor
-from cast.segmenter import (CASTSegmenterMapper, LinearDecoder, MaskTransformerDecoder, PhotometricDistortion,
+from hiseg_cast.data_mapper import superpixels_for_image_tensor
+from hiseg_cast.segmenter import (CASTSegmenterMapper, LinearDecoder, MaskTransformerDecoder, PhotometricDistortion,
                             _photometric, window_grid)
-from cast.superpixels import SuperpixelConfig, grid_superpixels
+from hiseg_cast.superpixels import SuperpixelConfig, grid_superpixels
 from train_check import sgd_steps
 from voc_sample import make_voc2012_root
 
@@ -92,7 +92,7 @@ def test_mask_transformer_ignores_padded_tokens():
 
 def test_superpixel_loss_is_per_pixel_cross_entropy():
     """The loss on token logits equals the per-pixel cross-entropy of the scattered logit map."""
-    from cast.semantic import superpixel_cross_entropy
+    from hiseg_cast.semantic import superpixel_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 4, generator=g)

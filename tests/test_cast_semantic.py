@@ -10,15 +10,15 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from hiseg.engine.trainer import EVALUATOR_FACTORIES, build_evaluators
+from hiseg.evaluation.registry import EVALUATOR_FACTORIES, build_evaluators
 from hiseg.evaluation.boundary_fscore import (BoundaryFScoreEvaluator, boundary_fscore_factory,
                                               semantic_boundary_counts)
 from hiseg.evaluation.segment_retrieval import (SegmentRetrievalEvaluator, collect_reference,
                                                 retrieve_labels, segment_retrieval_factory)
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
-from cast.semantic import PixelHead, nearest_level
-from cast.semantic_config import add_cast_semantic_config
+from hiseg_cast.semantic import PixelHead, nearest_level
+from hiseg_cast.semantic_config import add_cast_semantic_config
 from train_check import sgd_steps
 
 QUICK = "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml"
@@ -81,8 +81,8 @@ def _stripes_input(h, w, seed, sp=False):
     img += torch.randint(0, 20, (3, h, w), generator=g)
     d = {"image": img, "sem_seg": lab, "height": h, "width": w}
     if sp:
-        from cast.data_mapper import superpixels_for_image_tensor
-        from cast.superpixels import SuperpixelConfig
+        from hiseg_cast.data_mapper import superpixels_for_image_tensor
+        from hiseg_cast.superpixels import SuperpixelConfig
 
         d["superpixels"] = superpixels_for_image_tensor(img, "RGB", SuperpixelConfig(num_superpixels=0,
                                                                                       pixels_per_superpixel=64))
@@ -165,7 +165,7 @@ def voc_sample(shared_data, tmp_path_factory):
 
 
 def test_segmentor_on_real_voc_samples(voc_sample, tmp_path):
-    from cast.data_mapper import CASTDatasetMapper
+    from hiseg_cast.data_mapper import CASTDatasetMapper
 
     register_factories()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The CAST vs ViT experiment (issue 11; cast.experiments.cast_vs_vit) end to end at --quick size:
+"""The CAST vs ViT experiment (issue 11; hiseg_cast.experiments.cast_vs_vit) end to end at --quick size:
 two seeds, a pair-mode start paused after one step, a sequential resume to the end of the
 budget, evaluation on BSDS500 val, table and plots; then a re-run that trains nothing."""
 import csv
@@ -40,9 +40,9 @@ def test_natural_images_unite_bsds_train_coco_and_skimage(shared_data):
 
 
 def test_schedule_and_mapper_fairness():
-    from cast.experiments.budget import BudgetSpec, moco_v3_lr_factor
-    from cast.experiments.cast_vs_vit import MODELS, build_cfg
-    from cast.moco_mapper import MoCoTwoViewMapper, mapper_computes_superpixels
+    from hiseg_cast.experiments.budget import BudgetSpec, moco_v3_lr_factor
+    from hiseg_cast.experiments.cast_vs_vit import MODELS, build_cfg
+    from hiseg_cast.moco_mapper import MoCoTwoViewMapper, mapper_computes_superpixels
     from detectron2.data import DatasetCatalog
 
     assert moco_v3_lr_factor(0.0, 0.1) == 0.0
@@ -67,7 +67,7 @@ def test_schedule_and_mapper_fairness():
     assert not mapper_computes_superpixels(patch_cfg)
     # MoCo-v3's stop-grad on the first layer for both: CAST's stem conv1 (its builder), the
     # ViT's patch projection (the budget trainer's build_model)
-    from cast.experiments.budget import BudgetTrainer
+    from hiseg_cast.experiments.budget import BudgetTrainer
 
     tiny = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.VIT.EMBED_DIM", 48, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
             "MODEL.VIT.DEPTH", 4, "MODEL.MOCO.MLP_DIM", 64]
@@ -84,7 +84,7 @@ def test_schedule_and_mapper_fairness():
 
 
 def test_quick_pipeline_pauses_resumes_evaluates_and_skips_finished_runs(shared_data, tmp_path):
-    from cast.experiments.cast_vs_vit import main, run_dir_for
+    from hiseg_cast.experiments.cast_vs_vit import main, run_dir_for
 
     out = str(tmp_path / "exp")
     # two points keep the test short (the experiment's default has five)

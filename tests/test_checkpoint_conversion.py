@@ -1,4 +1,4 @@
-"""Weight conversion (cast.checkpoint, tools/convert_cast_checkpoint.py).
+"""Weight conversion (hiseg_cast.checkpoint, tools/convert_cast_checkpoint.py).
 
 No official weights exist offline, so each test builds a small source model, writes its weights
 in the released layouts (MoCo, DeiT, DINO / timm), converts them, loads the result through
@@ -15,11 +15,11 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from cast import CASTEncoder
-from cast.checkpoint import (CheckpointConversionError, convert_checkpoint, detect_format,
+from hiseg_cast import CASTEncoder
+from hiseg_cast.checkpoint import (CheckpointConversionError, convert_checkpoint, detect_format,
                              save_detectron2_checkpoint, verify_against_model)
-from cast.modeling import sincos_position_embedding
-from cast.superpixels import patch_superpixels
+from hiseg_cast.modeling import sincos_position_embedding
+from hiseg_cast.superpixels import patch_superpixels
 
 torch.set_num_threads(2)
 
@@ -94,7 +94,7 @@ def write_deit(model, path, extra=None):
 def cast_cfg(pos_embed="sincos", fpn=False):
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)

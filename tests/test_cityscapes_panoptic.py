@@ -227,7 +227,7 @@ def test_gt_scores_pq_100_with_detectron2_panoptic_evaluator(cs, tmp_path):
 
 @pytest.mark.parametrize("method", ["hungarian", "majority"])
 def test_permuted_gt_scores_pq_100_with_cluster_panoptic_evaluator(cs, tmp_path, method):
-    from oap.evaluation import ClusterPanopticEvaluator
+    from hiseg_oap.evaluation import ClusterPanopticEvaluator
 
     _, city_root, panoptic = cs
     k = 40

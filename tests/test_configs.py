@@ -6,7 +6,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 TINY = ["MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4,
@@ -36,7 +36,7 @@ def test_config_evaluators_exist(path):
     """Every evaluator type a config asks for (globally or per dataset) is registered, and every
     "<dataset>:<type>" entry names one of its test datasets."""
     import hiseg.data  # noqa: F401  (registers the datasets)
-    from hiseg.engine.trainer import EVALUATOR_FACTORIES, evaluator_types
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES, evaluator_types
 
     cfg = get_cfg()
     add_all_configs(cfg)

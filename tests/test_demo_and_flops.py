@@ -1,4 +1,4 @@
-"""tools/demo.py (robust inputs, pictures, nested label maps) and cast.flops (fvcore counts).
+"""tools/demo.py (robust inputs, pictures, nested label maps) and hiseg_cast.flops (fvcore counts).
 
 The demo runs once, in this process, on every awkward input at a small size with a tiny CAST
 (48-d, 1 block per level); the tests then look at what it wrote and printed.
@@ -128,7 +128,7 @@ def test_demo_input_conversions(demo_run):
 
 
 def test_demo_label_maps_nested_and_16bit(demo_run):
-    from cast.visualize import is_nested, load_label_maps
+    from hiseg_cast.visualize import is_nested, load_label_maps
 
     out = demo_run[4]
     for stem in GOOD:
@@ -145,7 +145,7 @@ def test_demo_label_maps_nested_and_16bit(demo_run):
 
 
 def test_is_nested_detects_violation():
-    from cast.visualize import is_nested
+    from hiseg_cast.visualize import is_nested
 
     fine = np.array([[0, 0, 1, 1]])
     assert is_nested([fine, np.array([[0, 0, 0, 0]])])
@@ -164,7 +164,7 @@ def test_prepare_image_rejects_bad_arrays(demo):
 # ------------------------------------------------------------------------------------------------
 def test_sdpa_handle_counts_both_products():
     import torch.nn.functional as F
-    from cast.flops import flop_analysis
+    from hiseg_cast.flops import flop_analysis
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):
@@ -178,7 +178,7 @@ def test_sdpa_handle_counts_both_products():
 
 @pytest.fixture(scope="module")
 def flop_reports():
-    from cast.flops import CAST_VARIANTS, cast_flops, vit_flops
+    from hiseg_cast.flops import CAST_VARIANTS, cast_flops, vit_flops
 
     return (cast_flops(None, 224, 196, name="CAST-S", **CAST_VARIANTS["CAST-S"]),
             vit_flops("vit_small_patch16_224", 224, name="ViT-S/16"))

@@ -34,9 +34,9 @@ from detectron2.utils import comm
 from PIL import Image
 
 import hiseg.data  # noqa: F401  (registers datasets)
-import oap.evaluation  # noqa: F401  (registers the cluster evaluators)
+import hiseg_oap.evaluation  # noqa: F401  (registers the cluster evaluators)
 from distributed_helpers import run_group
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -260,7 +260,7 @@ def evaluate_jobs(predictions, out_dir, drop_last=False):
     """Every job through the project's evaluators and detectron2's test loop."""
     from detectron2.evaluation import inference_on_dataset
 
-    from hiseg.engine.trainer import build_evaluators
+    from hiseg.evaluation.registry import build_evaluators
 
     results = {}
     for job, (name, types) in JOBS.items():
@@ -328,7 +328,7 @@ def _same(a, b, where=""):
 
 
 def test_every_registered_evaluator_type_is_covered(single):
-    from hiseg.engine.trainer import EVALUATOR_FACTORIES
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES
 
     covered = {t for _, types in JOBS.values() for t in types}
     assert covered == set(EVALUATOR_FACTORIES), sorted(set(EVALUATOR_FACTORIES) ^ covered)

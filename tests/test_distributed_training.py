@@ -49,7 +49,7 @@ from detectron2.utils.events import EventStorage
 
 import hiseg.data  # noqa: F401  (registers datasets)
 from distributed_helpers import run_group
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,7 +71,7 @@ OAP_OPTS = ["SOLVER.MAX_ITER", 10]
 
 
 def make_cfg(kind):
-    from cast.semantic_config import add_cast_semantic_config
+    from hiseg_cast.semantic_config import add_cast_semantic_config
 
     cfg = get_cfg()
     add_all_configs(cfg)
@@ -162,7 +162,7 @@ def _build(kind, init_state, seed):
 
 def train_worker(spec_file, steps=STEPS, lr=LR):
     """One rank: every model of the spec, wrapped as HisegTrainer wraps it, its block of inputs."""
-    import oap.modeling.criterion as criterion
+    import hiseg_oap.modeling.criterion as criterion
     from hiseg.engine.trainer import create_ddp_model
 
     criterion.uncertain_point_coords = fixed_point_coords
@@ -184,7 +184,7 @@ def train_worker(spec_file, steps=STEPS, lr=LR):
 # inputs, reference and the group (one group for the three models)
 # --------------------------------------------------------------------------------------------
 def _moco_inputs():
-    from cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
 
     np.random.seed(0)
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def _semantic_inputs(shared_data, root):
     from scipy.io import loadmat
     from PIL import Image
 
-    from cast.data_mapper import CASTDatasetMapper
+    from hiseg_cast.data_mapper import CASTDatasetMapper
 
     sbd = shared_data / "voc_samples" / "sbd_bench" / "datadir"
     dicts = []
@@ -223,7 +223,7 @@ def _oap_inputs(root):
 @pytest.fixture(scope="module")
 def runs(shared_data, tmp_path_factory):
     """The inputs and initial weights, the 2-process group's results and the references."""
-    import oap.modeling.criterion as criterion
+    import hiseg_oap.modeling.criterion as criterion
 
     root = tmp_path_factory.mktemp("dist_train")
     inputs = {"moco": _moco_inputs(), "semantic": _semantic_inputs(shared_data, root), "oap": _oap_inputs(root)}
@@ -336,7 +336,7 @@ def test_oap_two_processes_equal_one_process_full_batch(runs):
 
 def _syncbn_cases():
     """(name, module factory, inputs of a 6-sample batch, forward(module, *inputs))."""
-    from cast.semantic import PixelHead
+    from hiseg_cast.semantic import PixelHead
     from hiseg.modeling.sync_batchnorm import SyncBatchNorm1d, SyncBatchNorm2d
 
     g = torch.Generator().manual_seed(0)

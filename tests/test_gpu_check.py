@@ -157,7 +157,7 @@ def test_cuda_only_tests_are_found_by_reading_the_source(tmp_path):
 
 
 def test_pseudo_mask_comparison_sees_a_changed_partition():
-    from oap.pooling import OAPConfig, oap_fast
+    from hiseg_oap.pooling import OAPConfig, oap_fast
 
     x = torch.randn(1, 8, 6, 7, generator=torch.Generator().manual_seed(0))
     a = oap_fast(x, OAPConfig(phi=1))[0]

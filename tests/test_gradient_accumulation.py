@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from hiseg.errors import ConfigError
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

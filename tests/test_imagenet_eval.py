@@ -27,7 +27,7 @@ import hiseg.data  # noqa: F401  (registers the datasets)
 from hiseg.cli import merge_config
 from hiseg.data.datasets import imagenet
 from hiseg.errors import ConfigError, DatasetNotFoundError
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = imagenet.imagenet_1k_classes()
@@ -149,11 +149,11 @@ def test_keys_without_an_imagenet_test_set_are_an_error(tmp_path):
 class EfficientNetLite0Classifier(nn.Module):
     """The classification meta-architectures' inference contract for EfficientNet-Lite0: input
     dicts with the mapper's uint8 ``image`` (C, H, W) in ``INPUT.FORMAT``, normalised with
-    ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` as ``cast.classification`` does; ``{"logits"}`` out."""
+    ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` as ``hiseg_cast.classification`` does; ``{"logits"}`` out."""
 
     def __init__(self, cfg):
         super().__init__()
-        from oap.pooling import build_efficientnet_lite0
+        from hiseg_oap.pooling import build_efficientnet_lite0
 
         # the package's ImageNet weights, eval mode; channels-last: about 1.5x faster on a CPU
         self.net = build_efficientnet_lite0().to(memory_format=torch.channels_last)

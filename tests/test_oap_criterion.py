@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oap.modeling.criterion import OAPCriterion, dice_loss, sigmoid_ce_loss, uncertain_point_coords
-from oap.modeling.dino_head import DINOHead
-from oap.modeling.matcher import DiceMatcher, point_sample
+from hiseg_oap.modeling.criterion import OAPCriterion, dice_loss, sigmoid_ce_loss, uncertain_point_coords
+from hiseg_oap.modeling.dino_head import DINOHead
+from hiseg_oap.modeling.matcher import DiceMatcher, point_sample
 
 
 @pytest.fixture(autouse=True)
@@ -425,7 +425,7 @@ def test_distributed_bookkeeping(monkeypatch):
     """With a fake 2-process all_reduce (the other process holds an identical batch) the
     normalisers and the centre equal the single-process ones."""
     from detectron2.utils import comm
-    import oap.modeling.criterion as crit_mod
+    import hiseg_oap.modeling.criterion as crit_mod
 
     k = 5
     crit, outputs, targets, codes_t, _ = _sd_setup(k, "mean")
@@ -492,7 +492,7 @@ def test_criterion_rejects_bad_input():
 def test_from_config():
     from detectron2.config import get_cfg
 
-    from oap.config import add_oap_config
+    from hiseg_oap.config import add_oap_config
 
     cfg = add_oap_config(get_cfg())
     crit = OAPCriterion(cfg)

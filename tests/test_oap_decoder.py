@@ -1,4 +1,4 @@
-"""OAP's mask decoder (oap.modeling.pixel_decoder / transformer_decoder): shapes for odd,
+"""OAP's mask decoder (hiseg_oap.modeling.pixel_decoder / transformer_decoder): shapes for odd,
 non-square inputs, config construction, gradients to the [SEM] / [INS] tokens, the level tokens
 as the only thing telling the query groups apart, masked attention with empty masks, and batch
 invariance."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hiseg.compat import shape_spec
-from oap.modeling import (LevelQueryTransformerDecoder, MSDeformAttnPixelDecoder, masked_attention_mask,
+from hiseg_oap.modeling import (LevelQueryTransformerDecoder, MSDeformAttnPixelDecoder, masked_attention_mask,
                           sine_position_embedding)
-from oap.modeling.pixel_decoder import _encoder_reference_points
+from hiseg_oap.modeling.pixel_decoder import _encoder_reference_points
 
 torch.set_num_threads(2)
 
@@ -138,7 +138,7 @@ def test_encoder_reference_points_align_levels():
 def tiny_cfg():
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = add_all_configs(get_cfg())
     p, d = cfg.MODEL.OAP.PIXEL_DECODER, cfg.MODEL.OAP.DECODER
@@ -167,7 +167,7 @@ def test_from_config_builds_both():
 def test_default_config_builds():
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = add_all_configs(get_cfg())
     dec = LevelQueryTransformerDecoder(cfg, cfg.MODEL.OAP.PIXEL_DECODER.CONV_DIM)

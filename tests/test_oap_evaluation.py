@@ -1,4 +1,4 @@
-"""OAP evaluation (``oap.evaluation``): cluster -> class mappings and the cluster evaluators.
+"""OAP evaluation (``hiseg_oap.evaluation``): cluster -> class mappings and the cluster evaluators.
 
 * ``cluster_mapping``: hand confusion matrices with known Hungarian / majority answers, square
   and rectangular (K > C, K < C), zero-evidence clusters, bad input.
@@ -28,7 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from expectations import expected_pq, load_script, registered_dataset
-from oap.evaluation import (
+from hiseg_oap.evaluation import (
     ClassAgnosticCOCOEvaluator,
     ClusterCOCOEvaluator,
     ClusterPanopticEvaluator,
@@ -326,8 +326,8 @@ def test_factories_and_result_keys(coco_sample, tmp_path):
     from detectron2.config import get_cfg
 
     from hiseg.config import add_hiseg_config
-    from hiseg.engine.trainer import EVALUATOR_FACTORIES, build_evaluators
-    from oap.config import add_oap_config
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES, build_evaluators
+    from hiseg_oap.config import add_oap_config
 
     name, _ = coco_sample
     types = ("coco_class_agnostic", "coco_cluster", "coco_panoptic_seg_cluster", "sem_seg_cluster")

@@ -11,9 +11,9 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 from PIL import Image
 
-from hiseg.engine.trainer import MAPPER_REGISTRY
-from oap import add_oap_config
-from oap.data import OAPMultiCropDatasetMapper, crop_masks_to_views
+from hiseg.data.mapper_registry import MAPPER_REGISTRY
+from hiseg_oap import add_oap_config
+from hiseg_oap.data import OAPMultiCropDatasetMapper, crop_masks_to_views
 
 skdata = pytest.importorskip("skimage.data")
 

@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_cc
 
-from oap.pooling import (
+from hiseg_oap.pooling import (
     MaskCutConfig, OAPConfig, build_vit, connected_components, generate_pseudo_masks, maskcut,
     oap_fast, oap_reference, vit_key_features,
 )

@@ -15,7 +15,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "OAP" / "quick" / "oap_vit_tiny_coco_sample_cpu.yaml"
@@ -35,7 +35,7 @@ def model():
 
 
 def test_teacher_momentum_schedule():
-    from oap.modeling.meta_arch import teacher_momentum
+    from hiseg_oap.modeling.meta_arch import teacher_momentum
 
     assert teacher_momentum(0.996, 1.0, 0, 100) == pytest.approx(0.996)
     assert teacher_momentum(0.996, 1.0, 100, 100) == pytest.approx(1.0)
@@ -79,8 +79,8 @@ def test_teacher_not_trainable_and_in_eval(model):
 
 
 def test_pseudo_mask_targets_dedup_and_limit():
-    from oap.modeling.pseudo_targets import pseudo_mask_targets
-    from oap.pooling import generate_pseudo_masks
+    from hiseg_oap.modeling.pseudo_targets import pseudo_mask_targets
+    from hiseg_oap.pooling import generate_pseudo_masks
 
     torch.manual_seed(0)
     feats = torch.zeros(1, 8, 12, 12)
@@ -148,7 +148,7 @@ def test_training_steps_losses_finite_changing_teacher_moves(train_batch):
     # step 2 moved the teacher by the EMA of the student updated at step 1
     moved = sum(not torch.equal(a, b) for a, b in zip(teacher_snap, model.teacher.parameters()))
     assert moved > 0
-    from oap.modeling.meta_arch import teacher_momentum
+    from hiseg_oap.modeling.meta_arch import teacher_momentum
 
     assert m == pytest.approx(teacher_momentum(0.996, 1.0, 2, 10))
     assert model.criterion.center.abs().sum() > 0  # teacher centring updated
@@ -339,7 +339,7 @@ def test_demo_writes_oap_pictures(tmp_path):
 def test_teacher_centre_counts_each_teacher_output_once(train_batch):
     """DINO centres over the teacher's outputs of the batch: every OAP target once, however many
     local views its cropped mask appears in."""
-    from oap.modeling.pseudo_targets import pseudo_mask_targets
+    from hiseg_oap.modeling.pseudo_targets import pseudo_mask_targets
 
     torch.manual_seed(1)
     model = build_model(quick_cfg())

@@ -1,4 +1,4 @@
-"""The OAP experiment of issue 11 item 3 (``oap.experiments.student_vs_pseudo_masks``): moving a
+"""The OAP experiment of issue 11 item 3 (``hiseg_oap.experiments.student_vs_pseudo_masks``): moving a
 pre-trained ViT into OAPSegmentor, taking the EMA teacher's encoder out of a checkpoint, reading
 the trainer's evaluations and writing the report. The full run is a documented command
 (docs/oap_student_vs_pseudo_masks.md), not a test."""
@@ -14,8 +14,8 @@ from detectron2.modeling import build_model
 
 from hiseg.errors import CheckpointError
 from hiseg.modeling.vit import make_timm_vit
-from hiseg.setup import add_all_configs
-from oap.experiments import student_vs_pseudo_masks as exp
+from helpers import add_all_configs
+from hiseg_oap.experiments import student_vs_pseudo_masks as exp
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "OAP" / "quick" / "oap_vit_tiny_coco_sample_cpu.yaml"  # 48-d, 4 blocks, patch 8, 96
@@ -176,7 +176,7 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     predictions on the wrong place score 0."""
     import numpy as np
 
-    from oap.pseudo_label_io import masks_to_results, write_results
+    from hiseg_oap.pseudo_label_io import masks_to_results, write_results
 
     masks = np.zeros((2, 32, 40), dtype=bool)
     masks[0, 2:12, 3:15] = True
@@ -196,7 +196,7 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     m = exp.agreement_with_pseudo_masks(str(tmp_path / "wrong.json"), str(tmp_path / "pseudo.json"),
                                         str(tmp_path / "images.json"), str(tmp_path / "agree2.json"))
     assert m["AP"] == pytest.approx(0.0)
-    from oap.pseudo_label_io import encode_mask
+    from hiseg_oap.pseudo_label_io import encode_mask
 
     empty = wrong + [dict(same[0], score=0.99, segmentation=encode_mask(np.zeros((32, 40), bool)))]
     (tmp_path / "empty.json").write_text(json.dumps(empty))

@@ -1,4 +1,4 @@
-"""UniAP, the pooling the OAP authors released with S2-UniSeg (``oap.pooling.uniap``): the fast
+"""UniAP, the pooling the OAP authors released with S2-UniSeg (``hiseg_oap.pooling.uniap``): the fast
 batched form and the literal reference against a small independent implementation written here
 (from the release's description: raw features summed per node, cosine edge scores, repeated
 contraction within each threshold, clusters of >= 4 tokens, only nodes with an edge emitted), in
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from oap.pooling import (
+from hiseg_oap.pooling import (
     OAP_VARIANTS, OAPGenerator, UniAPConfig, UniAPGenerator, build_oap_generator, uniap_fast, uniap_reference,
 )
-from oap.pooling.uniap import release_grid_edges
+from hiseg_oap.pooling.uniap import release_grid_edges
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = (0.8, 0.7, 0.6, 0.5, 0.4)
@@ -199,7 +199,7 @@ def test_release_edge_order_and_non_square_grid():
 
 # ----------------------------------------------------------------------------- levels, targets
 def test_semantic_level_is_the_instance_level_and_targets():
-    from oap.modeling.pseudo_targets import pseudo_mask_targets
+    from hiseg_oap.modeling.pseudo_targets import pseudo_mask_targets
 
     res = uniap_fast(maps(1, seed=2))[0]
     for lay in res.layers:
@@ -253,7 +253,7 @@ def test_segmenter_training_step_with_uniap(tmp_path):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
     from train_check import oap_skimage_batch
 
     cfg = add_all_configs(get_cfg())

@@ -1,4 +1,4 @@
-"""SLIC in PyTorch (cast.superpixels_torch): LAB against OpenCV / scikit-image, label-map
+"""SLIC in PyTorch (hiseg_cast.superpixels_torch): LAB against OpenCV / scikit-image, label-map
 invariants, batch = per image, boundary recall on BSDS500, the backbone's METHOD slic_torch."""
 import cv2
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from scipy import ndimage
 from skimage import data as skdata
 
-from cast.superpixels import SuperpixelConfig, compute_superpixels, compute_superpixels_batch
-from cast.superpixels_torch import connected_components, grid_shape, rgb_to_lab, slic_torch
+from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels, compute_superpixels_batch
+from hiseg_cast.superpixels_torch import connected_components, grid_shape, rgb_to_lab, slic_torch
 
 SKIMAGE_PICTURES = ("astronaut", "coffee", "chelsea")
 
@@ -207,7 +207,7 @@ def test_backbone_computes_slic_torch_superpixels_for_the_batch():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_backbone
 
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)
@@ -247,7 +247,7 @@ def test_cuda_matches_cpu():
 
 
 def test_grid_superpixels_share_slics_grid_on_thin_images():
-    from cast.superpixels import grid_superpixels
+    from hiseg_cast.superpixels import grid_superpixels
 
     for h, w in ((50, 1), (1, 50), (224, 224), (33, 17)):
         labels = grid_superpixels(h, w, 10 if min(h, w) == 1 else 49)

@@ -261,7 +261,7 @@ def test_bad_argument_is_one_line(tools, files, tmp_path, row):
 # ------------------------------------------------------------------------------------------------
 # 3. upsampling memory bounded by pixels; a failing image skipped
 def _many_masks(k=40, side=10):
-    from oap.pooling.types import MaskLevel, OAPLayer, PseudoMasks
+    from hiseg_oap.pooling.types import MaskLevel, OAPLayer, PseudoMasks
 
     labels = torch.arange(side * side).reshape(side, side) % k
     masks = torch.stack([labels == i for i in range(k)])
@@ -276,8 +276,8 @@ def test_upsampling_memory_is_bounded_by_pixels(monkeypatch):
     """36 masks at 1000x1100: no upsampling call holds more than 2^25 mask pixels (today 32
     masks at once whatever the image size: 12.8 GB of floats at 10000x10000); the entries do not
     depend on how the masks are grouped (compared with the old grouping, 32 at a time)."""
-    from oap import pseudo_label_io
-    from oap.pooling.types import MaskLevel
+    from hiseg_oap import pseudo_label_io
+    from hiseg_oap.pooling.types import MaskLevel
 
     pseudo = _many_masks(k=36)
     largest = []
@@ -301,7 +301,7 @@ def test_upsampling_memory_is_bounded_by_pixels(monkeypatch):
 def test_a_failing_image_is_skipped_not_fatal(tools, files, tmp_path, monkeypatch):
     """The middle image runs out of memory: a warning naming it, the others written, a summary,
     exit status 1 (the error used to end the run, losing every result)."""
-    from oap import pseudo_label_io
+    from hiseg_oap import pseudo_label_io
 
     real = pseudo_label_io.pseudo_masks_to_results
 

@@ -112,7 +112,7 @@ def test_eval_random_weights_is_an_explicit_choice(tmp_path):
 
     from hiseg.engine.preflight import check_run
     from hiseg.errors import ConfigError
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = get_cfg()
     add_all_configs(cfg)

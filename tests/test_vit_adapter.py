@@ -1,4 +1,4 @@
-"""OAP's multi-scale encoder (oap.modeling): deformable attention core vs a slow reference,
+"""OAP's multi-scale encoder (hiseg_oap.modeling): deformable attention core vs a slow reference,
 ViT-Adapter shapes / zero initialisation / gradients, and the registered backbone."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hiseg.modeling import ViTBackbone
-from oap.modeling import (MSDeformAttn, ViTAdapterBackbone, add_vit_adapter_config, even_interaction_indexes,
+from hiseg_oap.modeling import (MSDeformAttn, ViTAdapterBackbone, add_vit_adapter_config, even_interaction_indexes,
                           level_start_index, ms_deform_attn_pytorch, ms_deform_attn_reference, resample_stride,
                           spatial_shapes_tensor)
 
@@ -247,10 +247,10 @@ def test_builds_from_cfg():
     from detectron2.config import get_cfg
     from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 
-    import hiseg.setup
+    from helpers import add_all_configs
 
     cfg = get_cfg()
-    hiseg.setup.add_all_configs(cfg)
+    add_all_configs(cfg)
     add_vit_adapter_config(cfg)
     add_vit_adapter_config(cfg)  # idempotent
     assert cfg.MODEL.VIT_ADAPTER.ZERO_INIT

@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 
 import hiseg.data  # noqa: F401  (registers the datasets)
 from hiseg.modeling.vit_kmeans import _Upsampled, add_vit_kmeans_config, kmeans, vit_kmeans_hierarchy
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 
 def same_partition(a, b) -> bool:

@@ -6,7 +6,7 @@ from detectron2.config import get_cfg
 
 from hiseg.engine.weights_config import (WeightsConfigError, check_weights_config, config_value,
                                          summarize_expected_missing, weights_config_mismatches)
-from hiseg.setup import add_all_configs
+from helpers import add_all_configs
 
 META = {"source": "official CAST MoCo-v3 weights (cast-moco)",
         "required": {"MODEL.CAST.EMBED_DIM": 384, "MODEL.CAST.DEPTHS": [3, 3, 3, 2], "MODEL.CAST.MLP_RATIO": 4.0},

@@ -81,8 +81,8 @@ def test_datasets_named_by_their_files(tiny_coco, monkeypatch):
         # the evaluator's output folder: one folder name, whatever the dataset name holds
         from detectron2.config import get_cfg
 
-        from hiseg.engine.trainer import build_evaluators
-        from hiseg.setup import add_all_configs
+        from hiseg.evaluation.registry import build_evaluators
+        from helpers import add_all_configs
 
         cfg = add_all_configs(get_cfg())
         cfg.OUTPUT_DIR = str(root / "out")
@@ -145,7 +145,7 @@ def test_no_predictions_says_why(shared_data, tmp_path):
 
     from hiseg.cli import merge_config
     from hiseg.engine import HisegTrainer
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     src = json.loads((shared_data / "coco" / "annotations" / "instances_val2017.json").read_text())
     ids = {im["id"] for im in src["images"][:2]}
@@ -183,7 +183,7 @@ def test_quick_mask_rcnn_trains_on_train_tests_on_val():
     from detectron2.config import get_cfg
 
     from hiseg.cli import merge_config
-    from hiseg.setup import add_all_configs
+    from helpers import add_all_configs
 
     cfg = add_all_configs(get_cfg())
     merge_config(cfg, str(REPO / RCNN_QUICK), [])

@@ -30,7 +30,7 @@ def oap_skimage_batch(cfg, root, names=("astronaut", "coffee")):
     from PIL import Image
     from skimage import data as skdata
 
-    from oap.data.multicrop_mapper import OAPMultiCropDatasetMapper
+    from hiseg_oap.data.multicrop_mapper import OAPMultiCropDatasetMapper
 
     np.random.seed(0)
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ def sample_batch(batch: int, size: int):
     resized, cycled (each repeat flipped / shifted so that no two images are identical)."""
     import cv2
     import skimage.data
-    from cast.superpixels import to_rgb_uint8
+    from hiseg_cast.superpixels import to_rgb_uint8
 
     base = []
     for name in SAMPLE_IMAGES:
@@ -76,7 +76,7 @@ def sample_batch(batch: int, size: int):
 
 def _superpixels_one(args):
     img, cfg = args
-    from cast.superpixels import compute_superpixels
+    from hiseg_cast.superpixels import compute_superpixels
 
     return compute_superpixels(img, cfg)
 
@@ -210,7 +210,7 @@ def time_parts(encoder, images, superpixels, iters: int, warmup: int, sync):
 # ------------------------------------------------------------------------------------------------
 def bench_device(device, images_u8, superpixels, args, sp_time):
     from timm import create_model
-    from cast.modeling.encoder import CASTEncoder
+    from hiseg_cast.modeling.encoder import CASTEncoder
 
     sync = _Sync(device)
     x = torch.from_numpy(((images_u8.astype(np.float32) - MEAN) / STD).transpose(0, 3, 1, 2).copy()).to(device)
@@ -303,12 +303,13 @@ def main(argv=None):
     if args.save:
         check_output_file(args.save, "--save")
 
-    from cast.superpixels import SuperpixelConfig
+    from hiseg_cast.superpixels import SuperpixelConfig
     from detectron2.config import get_cfg
-    from hiseg.setup import add_all_configs
+    from hiseg_cast import add_cast_config
+    from hiseg_oap import add_oap_config
 
     cfg = get_cfg()
-    add_all_configs(cfg)
+    add_oap_config(add_cast_config(cfg))
     sp_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
     sp_cfg = SuperpixelConfig(**{**sp_cfg.__dict__, "num_superpixels": args.num_superpixels})
 

@@ -30,8 +30,8 @@ import torch
 from hiseg.cli import ArgumentParser, bounded
 from hiseg.errors import UsageError
 from hiseg.threads import pinned_threads
-from oap.pooling import MaskCutConfig, OAPConfig, maskcut, oap_fast, oap_reference, uniap_fast
-from oap.pooling.benchmark import (
+from hiseg_oap.pooling import MaskCutConfig, OAPConfig, maskcut, oap_fast, oap_reference, uniap_fast
+from hiseg_oap.pooling.benchmark import (
     efficientnet_image_features, mask_counts as counts, random_features, same_partitions, structured_features,
     time_interleaved, timed,
 )

@@ -78,10 +78,11 @@ def main(argv=None):
 
     from hiseg.cli import check_device, merge_config
     from hiseg.engine import build_hiseg_optimizer
-    from hiseg.setup import add_all_configs
+    from hiseg_cast import add_cast_config
+    from hiseg_oap import add_oap_config
 
     check_device(args.device)  # UsageError: one line, exit status 2
-    cfg = add_all_configs(get_cfg())
+    cfg = add_oap_config(add_cast_config(get_cfg()))
     merge_config(cfg, args.config_file, list(args.opts))  # a bad file / key: one line, status 2
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""

@@ -88,8 +88,8 @@ def main(argv=None):
     import torch
     from skimage.segmentation import slic
 
-    from cast.superpixels import SuperpixelConfig, compute_superpixels
-    from cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels
+    from hiseg_cast.superpixels_torch import slic_torch
 
     from hiseg.cli import Skipped
 

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
-    from cast.checkpoint import FORMATS, MODELS
+    from hiseg_cast.checkpoint import FORMATS, MODELS
     from hiseg.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,10 +60,11 @@ def build_model_from_config(args):
 
     from hiseg.cli import merge_config
     from hiseg.modeling import add_vit_config
-    from hiseg.setup import add_all_configs
+    from hiseg_cast import add_cast_config
+    from hiseg_oap import add_oap_config
 
     cfg = get_cfg()
-    add_all_configs(cfg)
+    add_oap_config(add_cast_config(cfg))
     add_vit_config(cfg)
     merge_config(cfg, args.config_file, args.opts)  # missing file / unknown key: one-line ConfigError
     cfg.MODEL.DEVICE = "cpu"
@@ -73,7 +74,7 @@ def build_model_from_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
+    from hiseg_cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
                                  describe_needed_config, find_prefix, parts_for_model,
                                  save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
     from hiseg.cli import check_output_file, one_line

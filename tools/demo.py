@@ -48,7 +48,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
-logger = logging.getLogger("cast.demo")
+logger = logging.getLogger("hiseg_cast.demo")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def skimage_image(name: str) -> np.ndarray:
 def prepare_image(img: np.ndarray, max_size: int, name: str) -> np.ndarray:
     """RGB uint8, long side at most ``max_size`` (area interpolation)."""
     import cv2
-    from cast.superpixels import to_rgb_uint8
+    from hiseg_cast.superpixels import to_rgb_uint8
 
     arr = np.asarray(img)
     if arr.dtype == bool:  # binary masks: 0/255, not 0/1
@@ -111,10 +111,11 @@ def prepare_image(img: np.ndarray, max_size: int, name: str) -> np.ndarray:
 # model
 def setup_cfg(config_file: str, opts):
     from detectron2.config import get_cfg
-    from hiseg.setup import add_all_configs
+    from hiseg_cast import add_cast_config
+    from hiseg_oap import add_oap_config
 
     cfg = get_cfg()
-    add_all_configs(cfg)
+    add_oap_config(add_cast_config(cfg))
     merge_config(cfg, config_file, list(opts or []))
     cfg.freeze()
     return cfg
@@ -176,7 +177,7 @@ def load_encoder_weights(encoder, weights: str, cfg=None):
 def build_model(cfg, device: str):
     """The CAST backbone (random init or ``MODEL.WEIGHTS`` in its encoder), eval mode."""
     import torch
-    from cast.modeling.backbone import build_cast_backbone
+    from hiseg_cast.modeling.backbone import build_cast_backbone
 
     backbone = build_cast_backbone(cfg)
     if cfg.MODEL.WEIGHTS:
@@ -213,8 +214,8 @@ def build_oap_model(cfg, device: str):
 
 
 def process_oap(model, name, img, args, stem, input_format):
-    from cast.visualize import save_panel_grid
-    from oap.visualize import oap_demo_panels
+    from hiseg_cast.visualize import save_panel_grid
+    from hiseg_oap.visualize import oap_demo_panels
 
     t0 = time.perf_counter()
     rgb = prepare_image(img, args.max_size, name)
@@ -227,7 +228,7 @@ def process_oap(model, name, img, args, stem, input_format):
 
 
 def superpixels_for(backbone, rgb: np.ndarray) -> np.ndarray:
-    from cast.superpixels import compute_superpixels, patch_superpixels
+    from hiseg_cast.superpixels import compute_superpixels, patch_superpixels
 
     if backbone.tokens == "patch":
         return patch_superpixels(rgb.shape[0], rgb.shape[1], backbone.patch_size)
@@ -264,7 +265,7 @@ def unique_stem(name: str, used: set) -> str:
 
 
 def process(backbone, name, img, args, stem):
-    from cast.visualize import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
+    from hiseg_cast.visualize import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
 
     t0 = time.perf_counter()
     rgb = prepare_image(img, args.max_size, name)

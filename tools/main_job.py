@@ -5,7 +5,7 @@ the data at hand, in about 7 minutes on 2 CPU cores.
 1. pre-train the small CAST (``configs/CAST/experiments/moco_cast_small_natural_cpu.yaml``) and
    the ViT of the same width and depth (``moco_vit_small_natural_cpu.yaml``) side by side with the
    same MoCo-v3 recipe for the same wall-clock budget (``--budget-minutes``, default 4 per model),
-   one seed, with the protocol of the CAST vs ViT experiment (``cast.experiments.cast_vs_vit``,
+   one seed, with the protocol of the CAST vs ViT experiment (``hiseg_cast.experiments.cast_vs_vit``,
    docs/cast_vs_vit.md) on the unlabelled natural images at hand: BSDS500 train, the local COCO
    images and scikit-image's photographs (only the last without the shared data), printing
    progress;
@@ -45,8 +45,8 @@ from hiseg.image_io import read_image  # noqa: E402
 
 def prepare_input(model, path, max_size):
     """(image uint8 RGB at model resolution, input dict for the model); InputError for a bad file."""
-    from cast.data_mapper import superpixels_for_image_tensor
-    from cast.superpixels import SuperpixelConfig
+    from hiseg_cast.data_mapper import superpixels_for_image_tensor
+    from hiseg_cast.superpixels import SuperpixelConfig
 
     img = read_image(path, format="RGB")
     h, w = img.shape[:2]
@@ -62,7 +62,7 @@ def prepare_input(model, path, max_size):
 
 
 def draw_pictures(model, out_dir, max_size, limit=0, skipped=None):
-    from cast.visualize import hierarchy_panels, save_panel_grid
+    from hiseg_cast.visualize import hierarchy_panels, save_panel_grid
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -93,7 +93,7 @@ def prepare_or_skip(model, file_name, max_size, skipped=None):
 
 
 def bsds_available() -> bool:
-    from cast.experiments.cast_vs_vit import bsds_val
+    from hiseg_cast.experiments.cast_vs_vit import bsds_val
 
     try:
         bsds_val()
@@ -104,15 +104,15 @@ def bsds_available() -> bool:
 
 def load_final_cast(run_dir: str):
     """CAST as the experiment trained it: its saved config and its one scored point."""
-    from cast.experiments.budget import point_path
-    from cast.experiments.cast_vs_vit import _load_point_model, build_cfg
+    from hiseg_cast.experiments.budget import point_path
+    from hiseg_cast.experiments.cast_vs_vit import _load_point_model, build_cfg
 
     return _load_point_model(build_cfg(os.path.join(run_dir, "config.yaml"), ["MODEL.DEVICE", "cpu"]),
                              point_path(run_dir, 1))
 
 
 def main(argv=None):
-    from cast.experiments import cast_vs_vit
+    from hiseg_cast.experiments import cast_vs_vit
 
     ap = ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--out", default="output/main_job")
@@ -149,7 +149,7 @@ def main(argv=None):
         exp_argv += ["--train-only"]
     opts = list(args.opts[1:] if args.opts[:1] == ["--"] else args.opts)
     print(f"[main job] CAST vs ViT, {'quick' if args.quick else f'{args.budget_minutes:g} min'} of training each, "
-          f"seed {args.seed}, side by side (cast.experiments.cast_vs_vit; output {exp_out})", flush=True)
+          f"seed {args.seed}, side by side (hiseg_cast.experiments.cast_vs_vit; output {exp_out})", flush=True)
     cast_vs_vit.main(exp_argv + (["--", *opts] if opts else []),
                               command="python tools/main_job.py " + " ".join(sys.argv[1:] if argv is None else
                                                                              [str(a) for a in argv]))

@@ -24,7 +24,8 @@ from detectron2.evaluation import verify_results  # noqa: E402
 import hiseg.data  # noqa: E402,F401  (registers datasets)
 from hiseg.cli import merge_config, run_cli  # noqa: E402
 from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_from_cfg  # noqa: E402
-from hiseg.setup import add_all_configs  # noqa: E402
+from hiseg_cast import add_cast_config  # noqa: E402
+from hiseg_oap import add_oap_config  # noqa: E402
 from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
 from hiseg.engine.preflight import check_run  # noqa: E402
 from hiseg.engine.trainer import distributed_timeout  # noqa: E402
@@ -34,7 +35,7 @@ logger = logging.getLogger("hiseg")
 
 def build_cfg(args):
     cfg = get_cfg()
-    add_all_configs(cfg)
+    add_oap_config(add_cast_config(cfg))
     merge_config(cfg, args.config_file, args.opts)  # one-line errors: missing file, unknown key, ...
     cfg.freeze()
     register_imagenet_from_cfg(cfg)  # DATASETS.IMAGENET.*: a val folder alone, flat + labels, subsets

@@ -1,159 +1,39 @@
 """The trainer behind ``tools/train_net.py``: detectron2's DefaultTrainer with
 
-* evaluators chosen from each test dataset's ``metadata.evaluator_type`` (or TEST.EVALUATORS);
+* evaluators chosen from each test dataset's ``metadata.evaluator_type`` (or TEST.EVALUATORS),
+  by the factories of ``hiseg.evaluation.registry``;
 * AdamW / SGD with parameter groups and warmup + cosine / poly schedules (``optim.py``);
 * atomic checkpoints (``checkpoint.py``), so ``--resume`` always finds a complete file, and the
   optimizer state inside them on detectron2 v0.6 too (v0.6 forgot it);
 * gradient accumulation, ``SOLVER.ACCUMULATION_STEPS`` (``accumulation.py``);
 * dataset mappers chosen by ``INPUT.DATASET_MAPPER_NAME`` (projects register theirs in
-  ``MAPPER_REGISTRY``), wrapped so that a bad image is named in one line
+  ``hiseg.data.mapper_registry.MAPPER_REGISTRY``), wrapped so that a bad image is named in one line
   (``hiseg.image_io.ImageCheckingMapper``), and an empty dataset too (``hiseg.dataset_checks``).
 """
 import logging
 import os
-import re
 import weakref
 from datetime import timedelta
-from typing import Callable, Dict, List
 
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine.launch import DEFAULT_TIMEOUT
-from detectron2.evaluation import (COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.registry import Registry
 from torch.nn.parallel import DistributedDataParallel
 
-from ..compat import coco_evaluator_kwargs
+from ..data.mapper_registry import MAPPER_REGISTRY
 from ..dataset_checks import dataset_errors
 from ..errors import TrainingDivergedError
+from ..evaluation.registry import build_evaluators
 from ..image_io import ImageCheckingMapper
 from .accumulation import build_step_trainer, check_accumulation, check_model_accumulation, micro_batch_cfg
 from .checkpoint import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
-__all__ = ["HisegTrainer", "build_evaluators", "create_ddp_model", "distributed_timeout", "MAPPER_REGISTRY",
-           "EVALUATOR_FACTORIES"]
+__all__ = ["HisegTrainer", "create_ddp_model", "distributed_timeout"]
 
 logger = logging.getLogger(__name__)
-
-MAPPER_REGISTRY = Registry("HISEG_MAPPER")
-MAPPER_REGISTRY.__doc__ = "Dataset mappers selectable with INPUT.DATASET_MAPPER_NAME: cls(cfg, is_train)."
-
-
-def _coco(cfg, name, out):
-    from ..evaluation.no_predictions import ExplainNoPredictions  # "AP nan": says why
-
-    return [ExplainNoPredictions(COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs()), name, cfg)]
-
-
-def _panoptic(cfg, name, out):
-    evs = [COCOPanopticEvaluator(name, out)]
-    if getattr(MetadataCatalog.get(name), "json_file", None):
-        evs.append(COCOEvaluator(name, output_dir=out, **coco_evaluator_kwargs()))
-    return evs
-
-
-def _sem_seg(cfg, name, out):
-    return [SemSegEvaluator(name, distributed=True, output_dir=out)]
-
-
-def _bsds(cfg, name, out):
-    from ..evaluation import HierarchicalSegEvaluator
-
-    return [HierarchicalSegEvaluator(name, output_dir=out)]
-
-
-def _classification(cfg, name, out):
-    from ..evaluation.classification import ClassificationEvaluator
-
-    return [ClassificationEvaluator(name, distributed=True, output_dir=out)]
-
-
-def _sem_seg_boundary(cfg, name, out):
-    from ..evaluation.boundary_fscore import boundary_fscore_factory
-
-    return boundary_fscore_factory(cfg, name, out)
-
-
-def _sem_seg_retrieval(cfg, name, out):
-    from ..evaluation.segment_retrieval import segment_retrieval_factory
-
-    return segment_retrieval_factory(cfg, name, out)
-
-
-def _figure_ground(cfg, name, out):
-    """CAST Table 5: IoU of the model's ``"figure_ground"`` mask with the true foreground,
-    scored on the dataset's original label maps (the test mapper's ``"sem_seg"`` is resized)."""
-    import numpy as np
-    from PIL import Image
-
-    from detectron2.data import DatasetCatalog
-
-    from ..evaluation.figure_ground import FigureGroundEvaluator
-
-    gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(name) if "sem_seg_file_name" in d}
-
-    def gt_loader(inp):
-        path = gt_files.get(inp.get("file_name")) or inp.get("sem_seg_file_name")
-        if path:
-            with Image.open(path) as im:
-                return np.asarray(im)
-        if "sem_seg" in inp:
-            return inp["sem_seg"]
-        raise ValueError(f"figure_ground: no label map for {inp.get('file_name')!r} in dataset {name!r}")
-
-    ignore = getattr(MetadataCatalog.get(name), "ignore_label", 255)
-    return [FigureGroundEvaluator(distributed=True, ignore_label=ignore, gt_loader=gt_loader)]
-
-
-# evaluator_type -> factory(cfg, dataset_name, output_folder) -> list of evaluators.
-# Projects add their own (e.g. "classification").
-EVALUATOR_FACTORIES: Dict[str, Callable] = {
-    "coco": _coco,
-    "coco_panoptic_seg": _panoptic,
-    "sem_seg": _sem_seg,
-    "sem_seg_boundary": _sem_seg_boundary,  # Table 3 boundary F-score
-    "sem_seg_retrieval": _sem_seg_retrieval,  # SegSort segment retrieval (Appx. E.5)
-    "bsds_hierarchical": _bsds,
-    "classification": _classification,  # top-1 / top-5
-    "figure_ground": _figure_ground,  # CAST Table 5 attention figure-ground mIoU
-}
-
-
-def evaluator_types(cfg, dataset_name: str) -> List[str]:
-    """The evaluator types for one test dataset.
-
-    ``TEST.EVALUATORS`` entries are either ``"<type>"`` (every test dataset) or
-    ``"<dataset>:<type>"`` (that dataset only); without an entry that applies, the dataset's
-    ``metadata.evaluator_type`` is used.
-    """
-    types = []
-    for entry in cfg.TEST.EVALUATORS:
-        name, sep, t = entry.rpartition(":")
-        if not sep:
-            types.append(entry)
-        elif name == dataset_name:
-            types.append(t)
-        elif name not in cfg.DATASETS.TEST:
-            raise ValueError(f"TEST.EVALUATORS entry {entry!r} names dataset {name!r}, which is not in "
-                             f"DATASETS.TEST {tuple(cfg.DATASETS.TEST)}")
-    return types or [getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)]
-
-
-def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
-    # a name such as "coco:ann.json:images" (hiseg.data.datasets.user_data) as one folder name
-    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", re.sub(r"[^\w.-]+", "_", dataset_name))
-    types = evaluator_types(cfg, dataset_name)
-    evaluators = []
-    for t in types:
-        if t not in EVALUATOR_FACTORIES:
-            raise ValueError(f"no evaluator for evaluator_type {t!r} of dataset {dataset_name!r}; "
-                             f"known: {sorted(EVALUATOR_FACTORIES)} (set TEST.EVALUATORS or the metadata)")
-        evaluators += EVALUATOR_FACTORIES[t](cfg, dataset_name, output_folder)
-    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
-
 
 #: seconds a collective waits for the other processes before it fails (unset: detectron2's 30 min)
 DIST_TIMEOUT_ENV = "HISEG_DIST_TIMEOUT_S"

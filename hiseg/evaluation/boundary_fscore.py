@@ -38,6 +38,7 @@ from scipy import ndimage
 from . import bsds_metrics as M
 from .distributed import gather_records
 from .hierarchical_evaluator import resize_nearest
+from .registry import register_evaluator_factory
 
 __all__ = ["BoundaryFScoreEvaluator", "semantic_boundary_counts", "fill_ignored", "SemSegGroundTruth",
            "boundary_fscore_factory"]
@@ -186,6 +187,7 @@ class BoundaryFScoreEvaluator(DatasetEvaluator):
         return OrderedDict({"sem_seg_boundary": res})
 
 
+@register_evaluator_factory("sem_seg_boundary")
 def boundary_fscore_factory(cfg, dataset_name, output_dir):
-    """``EVALUATOR_FACTORIES["sem_seg_boundary"]``."""
+    """Evaluator factory of ``evaluator_type="sem_seg_boundary"`` (Table 3 boundary F-score)."""
     return [BoundaryFScoreEvaluator(dataset_name, distributed=True, output_dir=output_dir)]

@@ -25,6 +25,7 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 
 from .distributed import gather_records
+from .registry import register_evaluator_factory
 
 __all__ = ["ClassificationEvaluator", "topk_indices", "build_classification_evaluators"]
 
@@ -132,6 +133,7 @@ class ClassificationEvaluator(DatasetEvaluator):
         os.replace(tmp, path)
 
 
+@register_evaluator_factory("classification")
 def build_classification_evaluators(cfg, dataset_name: str, output_folder: Optional[str] = None):
-    """Factory for ``hiseg.engine.trainer.EVALUATOR_FACTORIES["classification"]``."""
+    """Evaluator factory of ``evaluator_type="classification"`` (top-1 / top-5)."""
     return [ClassificationEvaluator(dataset_name, distributed=True, output_dir=output_folder)]

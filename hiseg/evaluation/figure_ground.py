@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from detectron2.evaluation import DatasetEvaluator
 
+from ..modeling.attention_taps import tap_qkv
 from .distributed import gather_records
+from .registry import register_evaluator_factory
 
 __all__ = [
     "class_attention_from_qkv", "cast_class_attention", "class_attention_maps_cast",
@@ -77,19 +79,9 @@ def class_attention_from_qkv(attn_module, qkv: torch.Tensor, key_valid: Optional
 
 
 def _capture_qkv(block, run: Callable[[], object]):
-    store = {}
-
-    def hook(_m, _i, output):
-        store["qkv"] = output.detach()
-
-    handle = block.attn.qkv.register_forward_hook(hook)
-    try:
+    with tap_qkv(block, detach=True) as tap:
         out = run()
-    finally:
-        handle.remove()
-    if "qkv" not in store:
-        raise RuntimeError("the chosen block did not run")
-    return out, store["qkv"]
+    return out, tap.qkv
 
 
 def _block_group(depths, block: int) -> int:
@@ -304,3 +296,27 @@ class FigureGroundEvaluator(DatasetEvaluator):
             IoU_pooled=100.0 * inter / union if union else 100.0,
             num_images=len(records))
         return OrderedDict(figure_ground=res)
+
+
+@register_evaluator_factory("figure_ground")
+def figure_ground_factory(cfg, name, out):
+    """Evaluator factory of ``evaluator_type="figure_ground"`` (CAST Table 5): IoU of the model's
+    ``"figure_ground"`` mask with the true foreground, scored on the dataset's original label
+    maps (the test mapper's ``"sem_seg"`` is resized)."""
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(name) if "sem_seg_file_name" in d}
+
+    def gt_loader(inp):
+        path = gt_files.get(inp.get("file_name")) or inp.get("sem_seg_file_name")
+        if path:
+            with Image.open(path) as im:
+                return np.asarray(im)
+        if "sem_seg" in inp:
+            return inp["sem_seg"]
+        raise ValueError(f"figure_ground: no label map for {inp.get('file_name')!r} in dataset {name!r}")
+
+    ignore = getattr(MetadataCatalog.get(name), "ignore_label", 255)
+    return [FigureGroundEvaluator(distributed=True, ignore_label=ignore, gt_loader=gt_loader)]

@@ -32,8 +32,9 @@ from detectron2.evaluation import DatasetEvaluator
 
 from . import bsds_metrics as M
 from .distributed import gather_records
+from .registry import register_evaluator_factory
 
-__all__ = ["HierarchicalSegEvaluator", "hierarchy_as_arrays", "resize_nearest"]
+__all__ = ["HierarchicalSegEvaluator", "hierarchy_as_arrays", "resize_nearest", "bsds_hierarchical_factory"]
 
 logger = logging.getLogger(__name__)
 
@@ -270,3 +271,9 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
         with open(tmp, "w") as f:
             json.dump(rows, f)
         os.replace(tmp, path)
+
+
+@register_evaluator_factory("bsds_hierarchical")
+def bsds_hierarchical_factory(cfg, name, out):
+    """Evaluator factory of ``evaluator_type="bsds_hierarchical"``."""
+    return [HierarchicalSegEvaluator(name, output_dir=out)]

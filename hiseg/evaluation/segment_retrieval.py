@@ -39,6 +39,7 @@ from detectron2.evaluation import DatasetEvaluator
 from .boundary_fscore import SemSegGroundTruth, _to_numpy
 from .hierarchical_evaluator import resize_nearest
 from .distributed import gather_records
+from .registry import register_evaluator_factory
 
 __all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference", "segment_retrieval_factory"]
 
@@ -226,8 +227,10 @@ def collect_reference(evaluator: SegmentRetrievalEvaluator, model, data_loader) 
     return n
 
 
+@register_evaluator_factory("sem_seg_retrieval")
 def segment_retrieval_factory(cfg, dataset_name, output_dir):
-    """``EVALUATOR_FACTORIES["sem_seg_retrieval"]``: leave-one-image-out on the evaluated set
+    """Evaluator factory of ``evaluator_type="sem_seg_retrieval"`` (SegSort segment retrieval,
+    Appx. E.5): leave-one-image-out on the evaluated set
     (an evaluator factory has no model to fill a reference memory; use
     :func:`collect_reference` for the train-set memory)."""
     k = cfg.MODEL.CAST_SEM_SEG.RETRIEVAL_K if hasattr(cfg.MODEL, "CAST_SEM_SEG") else 20

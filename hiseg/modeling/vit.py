@@ -33,6 +33,7 @@ from torch import nn
 
 from hiseg.compat import shape_spec
 
+from .attention_taps import split_qkv, tap_qkv
 from .checkpointing import maybe_checkpoint
 
 __all__ = [
@@ -245,19 +246,9 @@ class ViTBackbone(Backbone):
         order over the (h, w) patch grid. ``return_grid=True`` also returns (h, w). Runs under
         the caller's grad mode and leaves the train / eval mode as it is.
         """
-        store = {}
-
-        def hook(_module, _inputs, output):
-            store["qkv"] = output
-
-        handle = self.vit.blocks[-1].attn.qkv.register_forward_hook(hook)
-        try:
+        with tap_qkv(self.vit.blocks[-1]) as tap:
             _, fmap = self.forward_tokens(x)
-        finally:
-            handle.remove()
-        qkv = store["qkv"]
-        d = qkv.shape[-1] // 3
-        k = qkv[:, self.num_prefix_tokens:, d:2 * d]
+        k = split_qkv(tap.qkv)[1][:, self.num_prefix_tokens:]
         h, w = fmap.shape[-2:]
         if k.shape[1] != h * w:
             raise RuntimeError(f"{k.shape[1]} key tokens for a {h}x{w} patch grid")

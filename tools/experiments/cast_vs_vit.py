@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CAST vs ViT + K-means at an equal wall-clock budget (docs/cast_vs_vit.md).
 
-Only parses the command line: the experiment is ``cast.experiments.cast_vs_vit``. Examples::
+Only parses the command line: the experiment is ``hiseg_cast.experiments.cast_vs_vit``. Examples::
 
     python tools/experiments/cast_vs_vit.py                      # the full experiment (resumable)
     python tools/experiments/cast_vs_vit.py --quick --out /tmp/q  # a tiny end-to-end run
@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from cast.experiments.cast_vs_vit import main  # noqa: E402
+from hiseg_cast.experiments.cast_vs_vit import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -42,9 +42,10 @@ def _status(ok: bool) -> str:
 def build_cfg(config_file: str, opts: Sequence[str], device) -> "object":
     from detectron2.config import get_cfg
 
-    from hiseg.setup import add_all_configs
+    from hiseg_cast import add_cast_config
+    from hiseg_oap import add_oap_config
 
-    cfg = add_all_configs(get_cfg())
+    cfg = add_oap_config(add_cast_config(get_cfg()))
     cfg.merge_from_file(str(REPO / config_file))
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = str(device)
@@ -82,7 +83,7 @@ def _label_map_problems(labels: np.ndarray) -> Optional[str]:
 
 
 def check_slic(table: Table, device: torch.device, prof) -> None:
-    from cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels_torch import slic_torch
 
     n, size, k = prof.slic_images, prof.slic_size, prof.slic_k
     x = sample_images(n, size)
@@ -156,7 +157,7 @@ def _first_problem(results_a, results_b, atol) -> Optional[str]:
 
 def check_oap(table: Table, device: torch.device, prof) -> None:
     import benchmark_oap
-    from oap.pooling import OAPConfig, oap_fast, oap_reference
+    from hiseg_oap.pooling import OAPConfig, oap_fast, oap_reference
 
     cfg = OAPConfig()
     xs = benchmark_oap.structured_features(*prof.oap_structured, seed=0)
@@ -236,8 +237,8 @@ def _compare_cast(oc, fc, od, fd):
 
 
 def check_cast_forward(table: Table, device: torch.device, prof) -> None:
-    from cast.modeling.backbone import encoder_from_cfg
-    from cast.superpixels_torch import slic_torch
+    from hiseg_cast.modeling.backbone import encoder_from_cfg
+    from hiseg_cast.superpixels_torch import slic_torch
 
     cfg = build_cfg(prof.cast_config, prof.cast_opts, "cpu")
     torch.manual_seed(0)

@@ -95,8 +95,8 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
     import benchmark
     from timm.models.vision_transformer import VisionTransformer
 
-    from cast.modeling.backbone import encoder_from_cfg
-    from cast.superpixels_torch import slic_torch
+    from hiseg_cast.modeling.backbone import encoder_from_cfg
+    from hiseg_cast.superpixels_torch import slic_torch
 
     tables = CastTables(report, prof, device)
     timer = Timer(device)
@@ -164,7 +164,7 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
 # OAP vs MaskCut
 def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
     import benchmark_oap
-    from oap.pooling import build_vit, vit_key_features
+    from hiseg_oap.pooling import build_vit, vit_key_features
 
     n, c, h, w = prof.oap_speed
     patch, dim, depth, heads = prof.oap_vit
@@ -188,7 +188,7 @@ def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
 
 
 def speed_oap(report: Report, device: torch.device, prof, budget: Budget, allot_s: float) -> None:
-    from oap.pooling import MaskCutConfig, OAPConfig, flatten_normalized, maskcut, oap_fast
+    from hiseg_oap.pooling import MaskCutConfig, OAPConfig, flatten_normalized, maskcut, oap_fast
 
     n, c, h, w = prof.oap_speed
     table = report.table(

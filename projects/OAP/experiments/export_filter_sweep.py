@@ -22,7 +22,7 @@ for _p in (REPO, os.path.join(REPO, "projects", "OAP")):
 
 
 def main(argv=None):
-    from oap.pseudo_label_io import (evaluate_results, filter_results, load_ground_truth, load_results,
+    from hiseg_oap.pseudo_label_io import (evaluate_results, filter_results, load_ground_truth, load_results,
                                      mask_area_fraction, parse_level_specs, resolve_levels)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,109 @@
+"""Two augmented views per image for MoCo-v3 pre-training, each with its own superpixels.
+
+Augmentations of MoCo-v3 (Chen et al. 2021), as the released CAST MoCo code uses them: random
+resized crop (scale 0.08-1) to ``INPUT.CROP.SIZE``, horizontal flip, colour jitter (0.4, 0.4,
+0.2, 0.1) with p=0.8, greyscale p=0.2, Gaussian blur (p=1.0 / 0.1, sigma 0.1-2.0) and solarize
+(p=0 / 0.2) for view 1 / view 2. Superpixels are computed on each augmented uint8 view (SEEDS,
+15 bins, 20 iterations, Table 11 / released code), so they always match the view's pixels.
+They are left out when the model would not read them: the ViT baseline
+(``MODEL.BACKBONE.NAME: build_vit_backbone``) takes none, and CAST with patch tokens
+(``MODEL.CAST.TOKENS: patch``, Table 3a) builds its square cells itself; computing SEEDS there
+would cost the ViT wall-clock time for nothing, and would feed SEEDS to the patch ablation
+(CASTMoCo prefers superpixels given by the mapper).
+"""
+import copy
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from detectron2.data import DatasetMapper
+from torchvision import transforms as T
+
+from hiseg.data.mapper_registry import MAPPER_REGISTRY
+from hiseg.image_io import read_image
+
+from .data_mapper import superpixels_for_image_tensor
+from .superpixels import SuperpixelConfig, compute_superpixels
+
+__all__ = ["MoCoTwoViewMapper", "mapper_computes_superpixels"]
+
+
+class _Blur:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if np.random.rand() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+
+
+class _Solarize:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if np.random.rand() < self.p else img
+
+
+def _view_transform(size, blur_p, solarize_p, scale_min):
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(scale_min, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        _Blur(blur_p),
+        _Solarize(solarize_p),
+    ])
+
+
+# backbones that read no superpixels
+_NO_SUPERPIXEL_BACKBONES = ("build_vit_backbone",)
+
+
+def mapper_computes_superpixels(cfg) -> bool:
+    """Whether the mapper should give each view its S_0: not for a backbone that reads none
+    (the plain ViT), not for CAST's patch tokens (the backbone makes the cells), not for
+    ``slic_torch`` (the model computes S_0 for the batch on its device)."""
+    if cfg.MODEL.BACKBONE.NAME in _NO_SUPERPIXEL_BACKBONES:
+        return False
+    if cfg.MODEL.CAST.TOKENS == "patch":
+        return False
+    return not SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL).on_model_device
+
+
+@MAPPER_REGISTRY.register()
+class MoCoTwoViewMapper:
+    """Training: two augmented views (``view1`` / ``view2``, with ``superpixels1`` / ``2``).
+    Evaluation (``is_train=False``, e.g. ``--eval-only`` or ``TEST.EVAL_PERIOD`` on BSDS500): one
+    ``image`` resized as detectron2's test mapper does (``INPUT.MIN_SIZE_TEST`` /
+    ``MAX_SIZE_TEST``), with its ``superpixels`` under the same rule as the views, which is what
+    :meth:`cast.CASTMoCo.inference` reads."""
+
+    def __init__(self, cfg, is_train: bool = True):
+        self.is_train = is_train
+        self.with_superpixels = mapper_computes_superpixels(cfg)
+        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
+        self.image_format = cfg.INPUT.FORMAT
+        if not is_train:
+            self.test_mapper = DatasetMapper(cfg, False)
+            return
+        size = cfg.INPUT.CROP.SIZE[0]
+        scale_min = cfg.MODEL.MOCO.CROP_MIN_SCALE
+        self.views = [_view_transform(size, 1.0, 0.0, scale_min), _view_transform(size, 0.1, 0.2, scale_min)]
+
+    def __call__(self, dataset_dict):
+        if not self.is_train:
+            out = self.test_mapper(copy.deepcopy(dataset_dict))
+            if self.with_superpixels:
+                out["superpixels"] = superpixels_for_image_tensor(out["image"], self.image_format, self.superpixel_cfg)
+            return out
+        d = copy.deepcopy(dataset_dict)
+        img = Image.fromarray(read_image(d["file_name"], "RGB"))  # EXIF-oriented, 16-bit scaled
+        for k, tf in enumerate(self.views, start=1):
+            view = np.ascontiguousarray(np.asarray(tf(img)))
+            arr = view[:, :, ::-1] if self.image_format == "BGR" else view
+            d[f"view{k}"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            if self.with_superpixels:
+                d[f"superpixels{k}"] = torch.from_numpy(compute_superpixels(view, self.superpixel_cfg))
+        return d
