@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from hiseg.evaluation import bsds_metrics as M
+from hiseg.evaluation import bsds as M
+from hiseg.evaluation.bsds.boundary_maps import _THIN_LUTS
 
 BENCH_IDS = ("2018", "3063", "5096", "6046", "8068")
 
@@ -86,8 +87,8 @@ def test_thinning_matches_skimage():
         from skimage.morphology._skeletonize import G123_LUT, G123P_LUT
     except ImportError:
         return
-    np.testing.assert_array_equal(M._THIN_LUTS[0], G123_LUT)
-    np.testing.assert_array_equal(M._THIN_LUTS[1], G123P_LUT)
+    np.testing.assert_array_equal(_THIN_LUTS[0], G123_LUT)
+    np.testing.assert_array_equal(_THIN_LUTS[1], G123P_LUT)
 
 
 def _line_map(shape, col):

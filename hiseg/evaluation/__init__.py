@@ -1,6 +1,6 @@
 """Evaluation for the CAST and OAP projects.
 
-* :mod:`hiseg.evaluation.bsds_metrics`: BSDS500 boundary (ODS/OIS/AP) and region (covering,
+* :mod:`hiseg.evaluation.bsds`: BSDS500 boundary (ODS/OIS/AP) and region (covering,
   PRI, VI) measures and the region F-score, in numpy/scipy only;
 * :class:`HierarchicalSegEvaluator` (:mod:`hiseg.evaluation.hierarchical_evaluator`): the
   detectron2 evaluator for hierarchical segmentation on BSDS500-style datasets
@@ -10,7 +10,7 @@
 * :class:`FigureGroundEvaluator` (+ class-attention extraction for CAST and ViT): Table 5's
   figure-ground mIoU from class-token attention (DINO's 60% mass rule).
 
-The evaluator is imported on first access, so ``hiseg.evaluation.bsds_metrics`` can be used
+The evaluator is imported on first access, so ``hiseg.evaluation.bsds`` can be used
 without importing detectron2 and torch.
 """
 import importlib

@@ -2,7 +2,7 @@
 
 CAST reports, next to mIoU, a boundary F-score of the predicted class map against the ground
 truth class map without spelling out the protocol. The one implemented here reuses the BSDS500
-boundary benchmark (:mod:`hiseg.evaluation.bsds_metrics`; Martin et al. 2004, Arbelaez et al.
+boundary benchmark (:mod:`hiseg.evaluation.bsds`; Martin et al. 2004, Arbelaez et al.
 2011):
 
 1. class boundaries: ``thin_boundaries(seg2bdry(label_map))`` of the predicted labels (argmax of
@@ -14,7 +14,7 @@ boundary benchmark (:mod:`hiseg.evaluation.bsds_metrics`; Martin et al. 2004, Ar
    truth, are not counted;
 3. one-to-one matching of predicted and ground-truth boundary pixels within
    ``max_dist x image diagonal`` (BSDS default 0.0075, i.e. 4.7 pixels on a 500x375 VOC image),
-   :func:`~hiseg.evaluation.bsds_metrics.match_boundaries`;
+   :func:`~hiseg.evaluation.bsds.match_boundaries`;
 4. dataset F-score from the summed counts: ``R = sum(matched GT) / sum(GT)``, ``P = sum(matched
    predicted) / sum(predicted)``, ``F = 2PR / (P + R)`` (as the benchmark's ODS at a single
    threshold). The mean of the per-image F-scores is reported too.
@@ -35,7 +35,7 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from scipy import ndimage
 
-from . import bsds_metrics as M
+from . import bsds as M
 from .distributed import gather_records
 from .hierarchical_evaluator import resize_nearest
 from .registry import register_evaluator_factory
@@ -133,7 +133,7 @@ class BoundaryFScoreEvaluator(DatasetEvaluator):
         ignore_label: overrides the metadata's (default 255).
         max_dist: matching tolerance as a fraction of the image diagonal (BSDS: 0.0075).
         matching: ``"greedy"`` (default) or ``"optimal"``, see
-            :func:`~hiseg.evaluation.bsds_metrics.correspond_pixels`.
+            :func:`~hiseg.evaluation.bsds.correspond_pixels`.
     """
 
     def __init__(self, dataset_name: Optional[str] = None, distributed: bool = True,

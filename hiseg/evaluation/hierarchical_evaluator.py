@@ -6,16 +6,16 @@ Levels at another resolution than the ground truth are resized with nearest neig
 Optionally ``"boundaries"``: a soft boundary map in [0, 1] used for the boundary measure instead
 of the one derived from the hierarchy.
 
-Measures (all in [0, 1]; VI in bits), see :mod:`hiseg.evaluation.bsds_metrics`:
+Measures (all in [0, 1]; VI in bits), see :mod:`hiseg.evaluation.bsds`:
 
 * boundary ``ODS`` / ``OIS`` / ``AP`` (Martin et al. 2004; Arbelaez et al. 2011). The hierarchy
   is turned into a UCM-like soft boundary map: the strength of a pixel is the fraction of levels
   in which it is a boundary pixel (``seg2bdry``), and the benchmark's 99 thresholds are applied
-  to it (:func:`~hiseg.evaluation.bsds_metrics.hierarchy_to_boundary_map`);
+  to it (:func:`~hiseg.evaluation.bsds.hierarchy_to_boundary_map`);
 * region ``Covering_{ODS,OIS,Best}``, ``PRI_{ODS,OIS}``, ``VI_{ODS,OIS}``: the benchmark's region
   measures with the levels as the "thresholds" (as for its ``segs`` input);
 * ``RegionF@K`` for K in ``region_targets`` (default 64, 32, 16, CAST Table 2): the region
-  F-score (:func:`~hiseg.evaluation.bsds_metrics.region_fscore`) of the level whose number of
+  F-score (:func:`~hiseg.evaluation.bsds.region_fscore`) of the level whose number of
   regions is nearest K (the finer one on ties), averaged over the humans, then over images.
 
 Per-image counts are computed in :meth:`process` (so they are spread over the workers) and
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 
-from . import bsds_metrics as M
+from . import bsds as M
 from .distributed import gather_records
 from .registry import register_evaluator_factory
 
@@ -121,7 +121,7 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
         thin: thin machine boundaries before matching (benchmark: yes).
         matching: ``"greedy"`` (default; exact number of matches, 3-5x faster) or ``"optimal"``
             (exact minimum-cost correspondence), see
-            :func:`~hiseg.evaluation.bsds_metrics.correspond_pixels`.
+            :func:`~hiseg.evaluation.bsds.correspond_pixels`.
         region_targets: numbers of regions for ``RegionF@K``.
         ignore_label: ground-truth label ignored by the region F-score (BSDS has none).
     """
