@@ -655,3 +655,40 @@ def test_sem_seg_cluster_two_processes(tiny_sem_seg, tmp_path):
     assert r0["results"]["sem_seg"]["mIoU"] == pytest.approx(100 * (1 + 6 / 8 + 2 / 3) / 3)
     saved = json.loads((tmp_path / "out" / "cluster_mapping_sem_seg_cluster.json").read_text())
     assert saved["confusion"] == total
+
+
+# ============================================================================================
+# package layout
+# ============================================================================================
+
+
+def test_each_evaluator_type_is_registered_beside_its_evaluator():
+    import hiseg_oap.evaluation as oap_eval
+    from hiseg.evaluation.registry import EVALUATOR_FACTORIES
+
+    modules = {"coco_class_agnostic": "class_agnostic_coco", "coco_cluster": "cluster_coco",
+               "coco_panoptic_seg_cluster": "cluster_panoptic", "sem_seg_cluster": "cluster_sem_seg"}
+    assert set(oap_eval.EVALUATOR_TYPES) == set(modules)
+    for t, module in modules.items():
+        assert EVALUATOR_FACTORIES[t].__module__ == f"hiseg_oap.evaluation.{module}", t
+
+
+def test_evaluation_does_not_import_pseudo_labels():
+    """One way only: pseudo-label code may use the evaluators, the evaluators never import it."""
+    import ast
+
+    import hiseg_oap.evaluation as oap_eval
+
+    folder = Path(oap_eval.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "hiseg_oap" if node.level >= 2 else "hiseg_oap.evaluation" if node.level else ""
+                names = [".".join(p for p in (base, node.module) if p)]
+                names += [f"{names[0]}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.startswith("hiseg_oap.pseudo_label")]
+            assert not bad, f"{path.name} imports {bad}"

@@ -509,7 +509,7 @@ def evaluate_results(
         MetadataCatalog.get(name).set(json_file=json_file, thing_classes=["fg"],
                                       thing_dataset_id_to_contiguous_id={cat_id: 0}, evaluator_type="coco")
         try:
-            from .evaluation.cluster_evaluators import COCOEvaluatorWithAR
+            from .evaluation import COCOEvaluatorWithAR
 
             evaluator = COCOEvaluatorWithAR(name, tasks=tuple(tasks), distributed=False, output_dir=None,
                                             max_dets_per_image=int(max_dets), **kwargs)
