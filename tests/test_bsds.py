@@ -75,6 +75,16 @@ def test_seg2bdry_small_case():
     assert not M.seg2bdry(np.ones((4, 5), int)).any()
 
 
+def test_measures_import_without_torch_or_detectron2():
+    import subprocess
+    import sys
+
+    code = ("import sys, hiseg.evaluation.bsds; "
+            "print(sorted(m for m in ('torch', 'detectron2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_thinning_matches_skimage():
     from skimage.morphology import thin
 
