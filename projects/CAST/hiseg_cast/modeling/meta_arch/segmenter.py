@@ -6,8 +6,9 @@ Segmenter (Strudel et al., 2021) on each dataset"; Appx. E.3: "We follow the sam
 512 on ADE20K, 480x480 windows with stride 320 on Pascal Context), "and adjust the granularity of
 superpixels to match the number of input tokens as ViT baselines" (H*W / 16^2 superpixels).
 
-``CASTSegmenter`` (``MODEL.META_ARCHITECTURE: CASTSegmenter``, keys ``MODEL.CAST_SEGMENTER.*``
-from :func:`add_cast_segmenter_config`):
+``CASTSegmenter`` (``MODEL.META_ARCHITECTURE: CASTSegmenter``, keys ``MODEL.CAST_SEGMENTER.*``):
+Segmenter's mask-transformer decoder (:mod:`hiseg_cast.modeling.heads.segmenter_decoders`) on
+CAST's superpixel tokens, with Segmenter's sliding-window inference.
 
 1. **Tokens.** The paper does not say which CAST tokens feed the decoder. We take the fused
    multi-level tokens of Alg. 2 / Fig. 12, ``f_seg = fuse(Z_0 (+) Unpool(Z_1) (+) ...)``, one
@@ -29,7 +30,8 @@ from :func:`add_cast_segmenter_config`):
 3. **Tokens to pixels.** Every pixel takes its superpixel token's class logits (the patch-grid
    reshape + bilinear upsampling of Segmenter becomes a gather by superpixel index, as in the
    authors' code); the loss is the per-pixel softmax cross-entropy over labelled pixels
-   (:func:`hiseg_cast.semantic.superpixel_cross_entropy`, label ``IGNORE_VALUE`` ignored).
+   (:func:`hiseg_cast.modeling.heads.pixel_head.superpixel_cross_entropy`, label ``IGNORE_VALUE``
+   ignored).
 4. **Inference.** ``TEST_WINDOW_SIZE: 0``: the whole (resized) test image in one pass, token
    logits gathered at the original resolution by the nearest-resized superpixel map
    (``CASTSemanticSegmentor.inference``). ``TEST_WINDOW_SIZE: s > 0``: Segmenter's sliding
@@ -44,14 +46,9 @@ from :func:`add_cast_segmenter_config`):
    Segmenter would upsample the image instead. The windows of one image share one size and are
    encoded without padding between them, so each image's result is independent of its batch.
 
-``CASTSegmenterMapper`` (``INPUT.DATASET_MAPPER_NAME: CASTSegmenterMapper``) is
-``CASTDatasetMapper`` with Segmenter's (mmsegmentation's) training pipeline: resize (short side
-drawn from ``INPUT.MIN_SIZE_TRAIN``, range sampling for the 0.5-2.0 ratio), random crop of
-``INPUT.CROP.SIZE`` in which one class covers at most
-``MODEL.CAST_SEGMENTER.CROP_SINGLE_CATEGORY_MAX_AREA`` (mmseg's ``cat_max_ratio`` 0.75),
-horizontal flip, photometric distortion (``MODEL.CAST_SEGMENTER.COLOR_AUG``), then the
-superpixels. detectron2's own mapper crops *before* resizing, which would not give fixed-size
-training crops.
+The training data come from ``CASTSegmenterMapper``
+(:mod:`hiseg_cast.data.dataset_mappers.segmenter_dataset_mapper`: Segmenter's augmentations, then
+the superpixels).
 
 Differences from Segmenter that we chose: the poly schedule decays to 0 (Segmenter: to 1e-5);
 mmseg scales the long-side cap with the resize ratio, ``ResizeShortestEdge`` keeps
@@ -61,158 +58,16 @@ scores 60 classes (background included).
 """
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
-from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
-from torch import nn
 
-from hiseg.data.mapper_registry import MAPPER_REGISTRY
+from ..backbone import build_cast_token_backbone
+from ..heads.segmenter_decoders import LinearDecoder, MaskTransformerDecoder
+from .per_superpixel_semantic import CASTSemanticSegmentor
 
-from .data_mapper import CASTDatasetMapper
-from .modeling.graph_pool import key_padding_bias
-from .semantic import CASTSemanticSegmentor, build_token_backbone
-
-__all__ = [
-    "CASTSegmenter",
-    "MaskTransformerDecoder",
-    "LinearDecoder",
-    "CASTSegmenterMapper",
-    "PhotometricDistortion",
-    "window_grid",
-    "add_cast_segmenter_config",
-]
-
-
-# ----------------------------------------------------------------------------------------------
-# config
-# ----------------------------------------------------------------------------------------------
-def add_cast_segmenter_config(cfg):
-    """Add ``MODEL.CAST_SEGMENTER.*`` (defaults: Segmenter's mask transformer on CAST-S, ADE20K).
-
-    Needs ``add_cast_config`` (``MODEL.CAST.*``) for the backbone.
-    """
-    cfg.MODEL.CAST_SEGMENTER = CN()
-    c = cfg.MODEL.CAST_SEGMENTER
-    c.NUM_CLASSES = 150  # ADE20K-150 (Table 3b)
-    c.IGNORE_VALUE = 255
-    c.LOSS_WEIGHT = 1.0
-    c.DECODER = "mask"  # "mask": Segmenter's mask transformer; "linear": Segmenter-Linear
-    # Segmenter's mask transformer on a ViT encoder: 2 layers, width = encoder width,
-    # heads = width / 64, MLP ratio 4, dropout 0.1, drop-path 0.
-    c.NUM_LAYERS = 2
-    c.HIDDEN_DIM = 0  # 0: the encoder width (MODEL.CAST.EMBED_DIM)
-    c.NUM_HEADS = 0  # 0: HIDDEN_DIM // 64 (at least 1)
-    c.MLP_RATIO = 4.0
-    c.DROPOUT = 0.1
-    c.DROP_PATH_RATE = 0.0
-    # Sliding-window inference (Appx. E.3): ADE20K 512 / 512, Pascal Context 480 / 320.
-    # 0: the whole image at once. Stride 0: the window size.
-    c.TEST_WINDOW_SIZE = 0
-    c.TEST_WINDOW_STRIDE = 0
-    c.TEST_WINDOW_BATCH_SIZE = 4  # windows encoded together (memory only, results unchanged)
-    # CASTSegmenterMapper (training): a random crop in which one class covers at most this
-    # fraction of the labelled pixels (mmseg's cat_max_ratio 0.75; 10 tries, then any crop;
-    # 1.0 = plain random crop), and mmseg's PhotoMetricDistortion.
-    c.CROP_SINGLE_CATEGORY_MAX_AREA = 0.75
-    c.COLOR_AUG = True
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# decoders: (B, N, D_in) tokens + (B, N) valid mask -> (B, N, K) class logits
-# ----------------------------------------------------------------------------------------------
-def _segmenter_init(m: nn.Module):
-    """Segmenter's initialisation: truncated normal (std 0.02) linear weights, zero biases."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-class MaskTransformerDecoder(nn.Module):
-    """Segmenter's mask transformer (Strudel et al. 2021, Sec. 3.2) on CAST's segment tokens.
-
-    ``forward(tokens, valid)``: tokens (B, N, in_dim), valid (B, N) bool (padded token slots are
-    masked out of the attention and get zero logits). Returns (B, N, num_classes) logits:
-    ``mask_norm(<l2n(z_i W_p), l2n(c_k W_c)>)`` after ``num_layers`` joint blocks.
-    The class embeddings live in an ``nn.Embedding`` (the project's convention for learnable
-    queries: ``SOLVER.WEIGHT_DECAY_EMBED`` applies, as Segmenter exempts ``cls_emb`` from decay).
-    """
-
-    def __init__(self, in_dim: int, num_classes: int, dim: int = 0, num_layers: int = 2, num_heads: int = 0,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, drop_path_rate: float = 0.0):
-        super().__init__()
-        dim = int(dim) or int(in_dim)
-        num_heads = int(num_heads) or max(1, dim // 64)
-        if num_classes < 1:
-            raise ValueError(f"MODEL.CAST_SEGMENTER.NUM_CLASSES must be >= 1, got {num_classes}")
-        if num_layers < 1:
-            raise ValueError(f"MODEL.CAST_SEGMENTER.NUM_LAYERS must be >= 1 for the mask transformer, got {num_layers}")
-        if dim % num_heads:
-            raise ValueError(f"MODEL.CAST_SEGMENTER.HIDDEN_DIM {dim} is not divisible by NUM_HEADS {num_heads}")
-        if not (0.0 <= dropout < 1.0 and 0.0 <= drop_path_rate < 1.0):
-            raise ValueError(f"MODEL.CAST_SEGMENTER.DROPOUT / DROP_PATH_RATE must be in [0, 1), got "
-                             f"{dropout} / {drop_path_rate}")
-        self.num_classes = int(num_classes)
-        self.dim = dim
-        self.proj_dec = nn.Linear(in_dim, dim)
-        dpr = torch.linspace(0, drop_path_rate, num_layers).tolist()
-        self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
-                  drop_path=dpr[i], norm_layer=nn.LayerNorm)
-            for i in range(num_layers)])
-        self.decoder_norm = nn.LayerNorm(dim)
-        self.class_embed = nn.Embedding(num_classes, dim)
-        scale = dim ** -0.5
-        self.proj_patch = nn.Parameter(scale * torch.randn(dim, dim))
-        self.proj_classes = nn.Parameter(scale * torch.randn(dim, dim))
-        self.mask_norm = nn.LayerNorm(num_classes)
-        self.apply(_segmenter_init)
-        trunc_normal_(self.class_embed.weight, std=0.02)
-
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 3 or valid.shape != tokens.shape[:2]:
-            raise ValueError(f"expected tokens (B, N, D) and valid (B, N); got {tuple(tokens.shape)} and "
-                             f"{tuple(valid.shape)}")
-        b, n, _ = tokens.shape
-        k = self.num_classes
-        x = torch.cat([self.proj_dec(tokens), self.class_embed.weight[None].expand(b, -1, -1)], dim=1)
-        mask = None
-        if not bool(valid.all()):
-            keys = torch.cat([valid, valid.new_ones(b, k)], dim=1)
-            mask = key_padding_bias(keys, x.dtype)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=mask)
-        x = self.decoder_norm(x)
-        patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
-        classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
-        masks = self.mask_norm(patches @ classes.transpose(1, 2))
-        return torch.where(valid[..., None], masks, torch.zeros_like(masks))
-
-
-class LinearDecoder(nn.Module):
-    """Segmenter-Linear (Strudel et al. 2021, Sec. 3.2 "Linear decoder"): one linear layer per token."""
-
-    def __init__(self, in_dim: int, num_classes: int):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"MODEL.CAST_SEGMENTER.NUM_CLASSES must be >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
-        self.head = nn.Linear(in_dim, num_classes)
-        self.apply(_segmenter_init)
-
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        logits = self.head(tokens)
-        return torch.where(valid[..., None], logits, torch.zeros_like(logits))
+__all__ = ["CASTSegmenter", "window_grid"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +122,7 @@ class CASTSegmenter(CASTSemanticSegmentor):
         super().__init__(backbone=backbone, num_classes=num_classes, head_dim=1, head_norm="",
                          feature_stride=1, ignore_value=ignore_value, loss_weight=loss_weight,
                          retrieval_output=False, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        in_dim = backbone.encoder.embed_dim
+        in_dim = backbone.embed_dim
         if decoder == "mask":
             self.head = MaskTransformerDecoder(in_dim, num_classes, hidden_dim, num_layers, num_heads, mlp_ratio,
                                                dropout, drop_path_rate)
@@ -281,7 +136,7 @@ class CASTSegmenter(CASTSemanticSegmentor):
     def from_config(cls, cfg):
         c = cfg.MODEL.CAST_SEGMENTER
         return {
-            "backbone": build_token_backbone(cfg),
+            "backbone": build_cast_token_backbone(cfg),
             "num_classes": c.NUM_CLASSES,
             "decoder": c.DECODER,
             "hidden_dim": c.HIDDEN_DIM,
@@ -302,7 +157,7 @@ class CASTSegmenter(CASTSemanticSegmentor):
     def token_logits(self, fused: torch.Tensor, sp: torch.Tensor, out) -> torch.Tensor:
         """(B, M_0, K) class logits of the superpixel tokens from the decoder."""
         if out is not None:
-            valid = out["levels"][0]["valid"]
+            valid = out["segment_valid"]
         else:  # a token is real when it has pixels
             valid = self._pixel_counts(sp, fused.shape[1]) > 0
         return self.head(fused, valid)
@@ -353,85 +208,3 @@ class CASTSegmenter(CASTSemanticSegmentor):
         if (height, width) != (h, w):
             total = F.interpolate(total[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         return total
-
-
-# ----------------------------------------------------------------------------------------------
-# the training data pipeline of Segmenter (mmsegmentation)
-# ----------------------------------------------------------------------------------------------
-def _photometric(img: np.ndarray, brightness, contrast, contrast_first: bool, saturation, hue,
-                 image_format: str) -> np.ndarray:
-    import cv2
-
-    x = img
-    if brightness is not None:
-        x = np.clip(x.astype(np.float32) + brightness, 0, 255).astype(np.uint8)
-    if contrast is not None and contrast_first:
-        x = np.clip(x.astype(np.float32) * contrast, 0, 255).astype(np.uint8)
-    if saturation is not None or hue is not None:
-        to_hsv, from_hsv = ((cv2.COLOR_BGR2HSV, cv2.COLOR_HSV2BGR) if image_format == "BGR"
-                            else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB))
-        hsv = cv2.cvtColor(np.ascontiguousarray(x), to_hsv)
-        if saturation is not None:
-            hsv[..., 1] = np.clip(hsv[..., 1].astype(np.float32) * saturation, 0, 255).astype(np.uint8)
-        if hue is not None:  # OpenCV's uint8 hue is in [0, 180)
-            hsv[..., 0] = ((hsv[..., 0].astype(np.int64) + hue) % 180).astype(np.uint8)
-        x = cv2.cvtColor(hsv, from_hsv)
-    if contrast is not None and not contrast_first:
-        x = np.clip(x.astype(np.float32) * contrast, 0, 255).astype(np.uint8)
-    return x
-
-
-class PhotometricDistortion(T.Augmentation):
-    """mmsegmentation's ``PhotoMetricDistortion`` (Segmenter's training pipeline), each step with
-    probability 0.5: brightness + U(-32, 32); contrast x U(0.5, 1.5), before or after the HSV
-    steps (a coin flip); saturation x U(0.5, 1.5); hue + U{-18..18} (OpenCV's 0..180 hue).
-    uint8 HxWx3 images only; anything else is left unchanged."""
-
-    def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
-                 hue_delta: int = 18, image_format: str = "RGB"):
-        super().__init__()
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"PhotometricDistortion needs an RGB or BGR image, got INPUT.FORMAT {image_format!r}")
-        self._init(locals())
-
-    def get_transform(self, image):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            return T.NoOpTransform()
-        rnd = np.random
-        brightness = rnd.uniform(-self.brightness_delta, self.brightness_delta) if rnd.rand() < 0.5 else None
-        contrast_first = rnd.rand() < 0.5
-        contrast = rnd.uniform(*self.contrast_range) if rnd.rand() < 0.5 else None
-        saturation = rnd.uniform(*self.saturation_range) if rnd.rand() < 0.5 else None
-        hue = int(rnd.randint(-self.hue_delta, self.hue_delta + 1)) if rnd.rand() < 0.5 else None
-        fmt = self.image_format
-        return T.ColorTransform(lambda img: _photometric(img, brightness, contrast, contrast_first, saturation,
-                                                         hue, fmt))
-
-
-def segmenter_train_augmentations(cfg) -> List[T.Augmentation]:
-    """resize -> crop (category-area constrained) -> flip -> photometric, as mmseg's pipeline."""
-    augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
-                                 cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
-    if cfg.INPUT.CROP.ENABLED:
-        augs.append(T.RandomCrop_CategoryAreaConstraint(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
-                                                        cfg.MODEL.CAST_SEGMENTER.CROP_SINGLE_CATEGORY_MAX_AREA,
-                                                        cfg.MODEL.CAST_SEGMENTER.IGNORE_VALUE))
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
-    if cfg.MODEL.CAST_SEGMENTER.COLOR_AUG:
-        augs.append(PhotometricDistortion(image_format=cfg.INPUT.FORMAT))
-    return augs
-
-
-@MAPPER_REGISTRY.register()
-class CASTSegmenterMapper(CASTDatasetMapper):
-    """``CASTDatasetMapper`` (superpixels after augmentation) with Segmenter's training
-    augmentations; at test time the same as ``CASTDatasetMapper`` (shortest-edge resize)."""
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        ret = super().from_config(cfg, is_train)
-        if is_train:
-            ret["augmentations"] = segmenter_train_augmentations(cfg)
-        return ret
