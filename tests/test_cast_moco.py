@@ -67,6 +67,22 @@ def test_two_view_mapper_at_evaluation_gives_the_image_the_model_infers_on():
     assert out["hierarchy"].shape[-2:] == (record["height"], record["width"])
 
 
+def test_moco_hierarchy_uses_the_test_segment_counts():
+    """At test time CASTMoCo's hierarchy has MODEL.CAST.TEST_NUM_SEGMENTS segments per level when
+    set (Table 6d), as every CAST model's backbone in eval mode; the same weights give the
+    training counts without it."""
+    from hiseg_cast.superpixels import grid_superpixels
+
+    torch.manual_seed(0)
+    model = build_model(make_cfg("MODEL.CAST.TEST_NUM_SEGMENTS", [12, 6, 3, 1])).eval()
+    plain = build_model(make_cfg()).eval()
+    plain.load_state_dict(model.state_dict())
+    img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    d = {"image": img, "superpixels": torch.from_numpy(grid_superpixels(64, 64, 49))}
+    assert model([d])[0]["num_segments"].tolist() == [49, 12, 6, 3, 1]
+    assert plain([d])[0]["num_segments"].tolist() == [49, 16, 8, 4, 2]
+
+
 def test_moco_trains_losses_finite_and_changing_and_teacher_moves():
     from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
