@@ -14,11 +14,11 @@ from hiseg.engine import build_hiseg_optimizer
 from hiseg.evaluation.classification import ClassificationEvaluator, build_classification_evaluators, topk_indices
 from helpers import add_all_configs
 
-import hiseg_cast.classification  # noqa: F401  (registers the meta-architectures)
-from hiseg_cast.classification import (CosinePrototypeClassifier, SuperpixelMixup, cutmix_superpixels, norm_parameters,
-                                 overlay_superpixels, smoothed_one_hot, soft_target_cross_entropy, tent_adapt)
-from hiseg_cast.classification_config import add_cast_classification_config
-from hiseg_cast.cls_mapper import CASTClassificationMapper
+import hiseg_cast  # noqa: F401  (registers the meta-architectures)
+from hiseg_cast.modeling.superpixel_mixup import (SuperpixelMixup, cutmix_superpixels, overlay_superpixels,
+                                                  smoothed_one_hot, soft_target_cross_entropy)
+from hiseg_cast.modeling.tent import CosinePrototypeClassifier, norm_parameters, tent_adapt
+from hiseg_cast.data.dataset_mappers import CASTClassificationMapper
 
 CFG = "configs/CAST/quick/deit_cast_tiny_skimage_cpu.yaml"
 TINY = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
@@ -29,7 +29,6 @@ TINY = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4, "MODEL.CAST.DEPTH
 def make_cfg(*opts, base=CFG):
     cfg = get_cfg()
     add_all_configs(cfg)
-    add_cast_classification_config(cfg)
     cfg.merge_from_file(base)
     cfg.merge_from_list(TINY + list(opts))
     return cfg

@@ -100,7 +100,8 @@ def test_mask_rcnn_with_cast_fpn_trains_and_infers():
 
 
 def test_cast_dataset_mapper_adds_superpixels(shared_data):
-    from hiseg_cast.data_mapper import CASTDatasetMapper, batch_superpixels
+    from hiseg_cast.data.dataset_mappers import CASTDatasetMapper
+    from hiseg_cast.superpixels import batch_superpixels
 
     cfg = cfg_from("configs/CAST/Base-CAST-S.yaml", "INPUT.MIN_SIZE_TRAIN", (120,), "INPUT.MAX_SIZE_TRAIN", 200)
     mapper = CASTDatasetMapper(cfg, is_train=True)

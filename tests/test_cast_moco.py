@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import hiseg.data  # noqa: F401
-from hiseg_cast.moco import moco_momentum
+from hiseg_cast.modeling.meta_arch.moco import moco_momentum
 from hiseg.engine import build_hiseg_optimizer
 from helpers import add_all_configs
 
@@ -40,7 +40,7 @@ def test_momentum_schedule():
 
 
 def test_two_view_mapper_gives_views_with_matching_superpixels():
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
     cfg = make_cfg()
     d = MoCoTwoViewMapper(cfg, True)(DatasetCatalog.get("skimage_natural_images")[0])
@@ -54,7 +54,7 @@ def test_two_view_mapper_gives_views_with_matching_superpixels():
 def test_two_view_mapper_at_evaluation_gives_the_image_the_model_infers_on():
     """--eval-only / TEST.EVAL_PERIOD with the MoCo config: the test loader's mapper gives one
     resized ``image`` with its superpixels, and CASTMoCo's inference reads it (was KeyError 'image')."""
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
     cfg = make_cfg("INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 128)
     record = DatasetCatalog.get("skimage_natural_images")[0]
@@ -67,8 +67,24 @@ def test_two_view_mapper_at_evaluation_gives_the_image_the_model_infers_on():
     assert out["hierarchy"].shape[-2:] == (record["height"], record["width"])
 
 
+def test_moco_hierarchy_uses_the_test_segment_counts():
+    """At test time CASTMoCo's hierarchy has MODEL.CAST.TEST_NUM_SEGMENTS segments per level when
+    set (Table 6d), as every CAST model's backbone in eval mode; the same weights give the
+    training counts without it."""
+    from hiseg_cast.superpixels import grid_superpixels
+
+    torch.manual_seed(0)
+    model = build_model(make_cfg("MODEL.CAST.TEST_NUM_SEGMENTS", [12, 6, 3, 1])).eval()
+    plain = build_model(make_cfg()).eval()
+    plain.load_state_dict(model.state_dict())
+    img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    d = {"image": img, "superpixels": torch.from_numpy(grid_superpixels(64, 64, 49))}
+    assert model([d])[0]["num_segments"].tolist() == [49, 12, 6, 3, 1]
+    assert plain([d])[0]["num_segments"].tolist() == [49, 16, 8, 4, 2]
+
+
 def test_moco_trains_losses_finite_and_changing_and_teacher_moves():
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
     torch.manual_seed(0)
     np.random.seed(0)
@@ -103,7 +119,7 @@ def test_momentum_encoder_starts_from_weights_loaded_after_construction():
     """Converted official weights reach only ``backbone.*``: the first step copies them into the
     momentum encoder (else EMA would average them into its random initialisation); a model
     whose momentum copy is already synced (a resumed run) keeps it."""
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
     torch.manual_seed(0)
     cfg = make_cfg("SOLVER.MAX_ITER", 10)
@@ -153,10 +169,10 @@ def test_main_job_runs(shared_data, tmp_path):
 def test_slic_torch_superpixels_come_from_the_model_not_the_mappers():
     """MODEL.CAST.SUPERPIXEL.METHOD slic_torch: mappers leave S_0 out and CASTMoCo computes it
     for the whole batch on its device, the same maps the mapper would have made."""
-    from hiseg_cast.data_mapper import CASTDatasetMapper
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import CASTDatasetMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
     from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels
-    from hiseg_cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels.torch_slic import slic_torch
 
     cfg = make_cfg("MODEL.CAST.SUPERPIXEL.METHOD", "slic_torch")
     d = MoCoTwoViewMapper(cfg, True)(DatasetCatalog.get("skimage_natural_images")[0])

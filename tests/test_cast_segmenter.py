@@ -14,10 +14,11 @@ from detectron2.modeling import build_model
 
 from helpers import add_all_configs
 
-from hiseg_cast.data_mapper import superpixels_for_image_tensor
-from hiseg_cast.segmenter import (CASTSegmenterMapper, LinearDecoder, MaskTransformerDecoder, PhotometricDistortion,
-                            _photometric, window_grid)
-from hiseg_cast.superpixels import SuperpixelConfig, grid_superpixels
+from hiseg_cast.data.dataset_mappers import CASTSegmenterMapper, PhotometricDistortion
+from hiseg_cast.data.dataset_mappers.segmenter_dataset_mapper import _photometric
+from hiseg_cast.modeling.heads import LinearDecoder, MaskTransformerDecoder
+from hiseg_cast.modeling.meta_arch.segmenter import window_grid
+from hiseg_cast.superpixels import SuperpixelConfig, grid_superpixels, superpixels_for_image_tensor
 from train_check import sgd_steps
 from voc_sample import make_voc2012_root
 
@@ -92,7 +93,7 @@ def test_mask_transformer_ignores_padded_tokens():
 
 def test_superpixel_loss_is_per_pixel_cross_entropy():
     """The loss on token logits equals the per-pixel cross-entropy of the scattered logit map."""
-    from hiseg_cast.semantic import superpixel_cross_entropy
+    from hiseg_cast.modeling.heads import superpixel_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 4, generator=g)

@@ -14,11 +14,12 @@ from hiseg.evaluation.registry import EVALUATOR_FACTORIES, build_evaluators
 from hiseg.evaluation.boundary_fscore import (BoundaryFScoreEvaluator, boundary_fscore_factory,
                                               semantic_boundary_counts)
 from hiseg.evaluation.segment_retrieval import (SegmentRetrievalEvaluator, collect_reference,
-                                                retrieve_labels, segment_retrieval_factory)
+                                                retrieve_labels)
 from helpers import add_all_configs
 
-from hiseg_cast.semantic import PixelHead, nearest_level
-from hiseg_cast.semantic_config import add_cast_semantic_config
+from hiseg_cast.evaluation import segment_retrieval_factory
+from hiseg_cast.modeling.heads import PixelHead
+from hiseg_cast.modeling.meta_arch.per_superpixel_semantic import nearest_level
 from train_check import sgd_steps
 
 QUICK = "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml"
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make_cfg(*opts, path=QUICK):
     cfg = get_cfg()
     add_all_configs(cfg)
-    add_cast_semantic_config(cfg)
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
     return cfg
@@ -81,7 +81,7 @@ def _stripes_input(h, w, seed, sp=False):
     img += torch.randint(0, 20, (3, h, w), generator=g)
     d = {"image": img, "sem_seg": lab, "height": h, "width": w}
     if sp:
-        from hiseg_cast.data_mapper import superpixels_for_image_tensor
+        from hiseg_cast.superpixels import superpixels_for_image_tensor
         from hiseg_cast.superpixels import SuperpixelConfig
 
         d["superpixels"] = superpixels_for_image_tensor(img, "RGB", SuperpixelConfig(num_superpixels=0,
@@ -165,7 +165,7 @@ def voc_sample(shared_data, tmp_path_factory):
 
 
 def test_segmentor_on_real_voc_samples(voc_sample, tmp_path):
-    from hiseg_cast.data_mapper import CASTDatasetMapper
+    from hiseg_cast.data.dataset_mappers import CASTDatasetMapper
 
     register_factories()
     torch.manual_seed(0)

@@ -42,7 +42,8 @@ def test_natural_images_unite_bsds_train_coco_and_skimage(shared_data):
 def test_schedule_and_mapper_fairness():
     from hiseg_cast.experiments.budget import BudgetSpec, moco_v3_lr_factor
     from hiseg_cast.experiments.cast_vs_vit import MODELS, build_cfg
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper, mapper_computes_superpixels
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
+    from hiseg_cast.superpixels import mapper_computes_superpixels
     from detectron2.data import DatasetCatalog
 
     assert moco_v3_lr_factor(0.0, 0.1) == 0.0

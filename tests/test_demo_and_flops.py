@@ -128,7 +128,7 @@ def test_demo_input_conversions(demo_run):
 
 
 def test_demo_label_maps_nested_and_16bit(demo_run):
-    from hiseg_cast.visualize import is_nested, load_label_maps
+    from hiseg.visualization import is_nested, load_label_maps
 
     out = demo_run[4]
     for stem in GOOD:
@@ -145,7 +145,7 @@ def test_demo_label_maps_nested_and_16bit(demo_run):
 
 
 def test_is_nested_detects_violation():
-    from hiseg_cast.visualize import is_nested
+    from hiseg.visualization import is_nested
 
     fine = np.array([[0, 0, 1, 1]])
     assert is_nested([fine, np.array([[0, 0, 0, 0]])])

@@ -71,12 +71,8 @@ OAP_OPTS = ["SOLVER.MAX_ITER", 10]
 
 
 def make_cfg(kind):
-    from hiseg_cast.semantic_config import add_cast_semantic_config
-
     cfg = get_cfg()
     add_all_configs(cfg)
-    if kind == "semantic":
-        add_cast_semantic_config(cfg)
     path, opts = {"moco": (MOCO_CFG, MOCO_OPTS), "semantic": (SEM_CFG, SEM_OPTS), "oap": (OAP_CFG, OAP_OPTS)}[kind]
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
@@ -184,7 +180,7 @@ def train_worker(spec_file, steps=STEPS, lr=LR):
 # inputs, reference and the group (one group for the three models)
 # --------------------------------------------------------------------------------------------
 def _moco_inputs():
-    from hiseg_cast.moco_mapper import MoCoTwoViewMapper
+    from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
 
     np.random.seed(0)
     torch.manual_seed(0)
@@ -197,7 +193,7 @@ def _semantic_inputs(shared_data, root):
     from scipy.io import loadmat
     from PIL import Image
 
-    from hiseg_cast.data_mapper import CASTDatasetMapper
+    from hiseg_cast.data.dataset_mappers import CASTDatasetMapper
 
     sbd = shared_data / "voc_samples" / "sbd_bench" / "datadir"
     dicts = []
@@ -336,7 +332,7 @@ def test_oap_two_processes_equal_one_process_full_batch(runs):
 
 def _syncbn_cases():
     """(name, module factory, inputs of a 6-sample batch, forward(module, *inputs))."""
-    from hiseg_cast.semantic import PixelHead
+    from hiseg_cast.modeling.heads import PixelHead
     from hiseg.modeling.sync_batchnorm import SyncBatchNorm1d, SyncBatchNorm2d
 
     g = torch.Generator().manual_seed(0)

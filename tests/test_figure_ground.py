@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from hiseg.evaluation.figure_ground import (
-    FigureGroundEvaluator, cast_class_attention, class_attention_maps_cast,
-    class_attention_maps_vit, figure_ground_mask, vit_class_attention, voc_foreground)
+from hiseg.evaluation.figure_ground import (FigureGroundEvaluator, class_attention_maps, figure_ground_mask,
+                                            voc_foreground)
 from hiseg.modeling.vit import ViTBackbone
 from voc_sample import make_voc2012_root
 
@@ -130,7 +129,7 @@ def _cast_batch():
 def test_cast_class_attention_matches_timm_and_scatters():
     enc = tiny_cast()
     images, sp = _cast_batch()
-    res = cast_class_attention(enc, images, sp)
+    res = enc.class_attention(images, superpixels=sp)
     attn, valid, labels = res["attn"], res["valid"], res["labels"]
     assert res["level"] == 3 and attn.shape[:2] == (2, 4)
     assert not bool(valid.all())  # image 1 has fewer tokens: padded keys
@@ -158,15 +157,15 @@ def test_cast_class_attention_matches_timm_and_scatters():
     manual = manual / manual.sum(-1, keepdim=True)
     assert torch.allclose(attn, manual, atol=1e-5)
     # pixel maps: each pixel holds its token's attention
-    per_head = class_attention_maps_cast(enc, images, sp, reduce="none")
-    maps = class_attention_maps_cast(enc, images, sp)
+    per_head = class_attention_maps(enc, images, reduce="none", superpixels=sp)
+    maps = class_attention_maps(enc, images, superpixels=sp)
     assert per_head.shape == (2, 4, 32, 32) and maps.shape == (2, 32, 32)
     assert (maps >= 0).all() and torch.allclose(maps, per_head.mean(1))
     lab = labels[0, 5, 7]
     assert torch.allclose(per_head[0, :, 5, 7], attn[0, :, lab])
     assert (per_head[1, :, :, 28:] == 0).all()
     # another block: block 1 (group 1) runs on hierarchy level 1
-    r1 = cast_class_attention(enc, images, sp, block=1)
+    r1 = enc.class_attention(images, block=1, superpixels=sp)
     assert r1["level"] == 1 and torch.equal(r1["labels"], r1["output"]["hierarchy"][:, 1])
 
 
@@ -174,16 +173,19 @@ def test_vit_class_attention_matches_timm_and_upsamples():
     vit = tiny_vit()
     torch.manual_seed(2)
     images = torch.randn(2, 3, 50, 70)  # padded by timm to 64 x 80: a 4 x 5 grid
-    res = vit_class_attention(vit, images)
+    res = vit.class_attention(images)
     attn = res["attn"]
     assert res["grid"] == (4, 5) and attn.shape == (2, 4, 20)
     assert (attn >= 0).all() and torch.allclose(attn.sum(-1), torch.ones(2, 4), atol=1e-5)
     ref = timm_attention(vit.vit.blocks[-1], lambda: vit.forward_tokens(images))[:, :, 0, 1:]
     assert torch.allclose(attn, ref / ref.sum(-1, keepdim=True), atol=1e-5)
-    per_head = class_attention_maps_vit(vit, images, reduce="none")
+    per_head = class_attention_maps(vit, images, reduce="none")
     assert per_head.shape == (2, 4, 50, 70)
     assert torch.allclose(per_head[:, :, 17, 35], attn.view(2, 4, 4, 5)[:, :, 1, 2])
-    maps = class_attention_maps_vit(vit, images)
+    # each pixel holds exactly its patch's attention: nearest upsampling by the patch size, cropped
+    upsampled = attn.view(2, 4, 4, 5).repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)[..., :50, :70]
+    assert torch.equal(per_head, upsampled)
+    maps = class_attention_maps(vit, images)
     assert maps.shape == (2, 50, 70) and (maps >= 0).all()
 
 
@@ -200,8 +202,8 @@ def test_voc_sample_end_to_end(shared_data):
     sp = torch.from_numpy(grid_superpixels(48, 64, 48)).long()[None]
     ev = FigureGroundEvaluator(distributed=False)
     ev.reset()
-    cast_map = class_attention_maps_cast(tiny_cast(), images, sp)
-    vit_map = class_attention_maps_vit(tiny_vit(), images)
+    cast_map = class_attention_maps(tiny_cast(), images, superpixels=sp)
+    vit_map = class_attention_maps(tiny_vit(), images)
     for m in (cast_map, vit_map):
         fgm = figure_ground_mask(m[0])
         assert fgm.shape == (48, 64) and 0 < int(fgm.sum()) < 48 * 64
@@ -249,7 +251,7 @@ def test_cast_moco_figure_ground_output_equals_direct_mask():
     # one input at the image size, one reported at twice the size (nearest: each pixel -> 2x2)
     outs = model([{"image": img, "superpixels": sp, "height": 48, "width": 64},
                   {"image": img, "superpixels": sp, "height": 96, "width": 128}])
-    attn = class_attention_maps_cast(model.backbone.encoder, _normalized(model, img), sp[None], block=2)
+    attn = class_attention_maps(model.backbone, _normalized(model, img), block=2, superpixels=sp[None])
     want = figure_ground_mask(attn[0], mass=0.7)
     assert want.dtype == torch.bool and 0 < int(want.sum()) < want.numel()
     assert outs[0]["figure_ground"].dtype == torch.bool
@@ -273,7 +275,7 @@ def test_vit_moco_figure_ground_output_equals_direct_mask():
     g = torch.Generator().manual_seed(4)
     img = torch.randint(0, 256, (3, 44, 60), generator=g, dtype=torch.uint8)  # 6 x 8 patches of 8, padded
     out = model([{"image": img, "height": 88, "width": 120}])[0]
-    attn = class_attention_maps_vit(model.backbone, _normalized(model, img), block=1)
+    attn = class_attention_maps(model.backbone, _normalized(model, img), block=1)
     want = figure_ground_mask(attn[0])
     assert attn.shape == (1, 44, 60) and 0 < int(want.sum()) < want.numel()
     assert out["figure_ground"].dtype == torch.bool and out["figure_ground"].shape == (88, 120)

@@ -149,7 +149,7 @@ def test_keys_without_an_imagenet_test_set_are_an_error(tmp_path):
 class EfficientNetLite0Classifier(nn.Module):
     """The classification meta-architectures' inference contract for EfficientNet-Lite0: input
     dicts with the mapper's uint8 ``image`` (C, H, W) in ``INPUT.FORMAT``, normalised with
-    ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` as ``hiseg_cast.classification`` does; ``{"logits"}`` out."""
+    ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` as ``hiseg_cast.modeling.meta_arch.classifier_base`` does; ``{"logits"}`` out."""
 
     def __init__(self, cfg):
         super().__init__()

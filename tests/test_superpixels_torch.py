@@ -1,4 +1,4 @@
-"""SLIC in PyTorch (hiseg_cast.superpixels_torch): LAB against OpenCV / scikit-image, label-map
+"""SLIC in PyTorch (hiseg_cast.superpixels.torch_slic): LAB against OpenCV / scikit-image, label-map
 invariants, batch = per image, boundary recall on BSDS500, the backbone's METHOD slic_torch."""
 import cv2
 import numpy as np
@@ -8,7 +8,7 @@ from scipy import ndimage
 from skimage import data as skdata
 
 from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels, compute_superpixels_batch
-from hiseg_cast.superpixels_torch import connected_components, grid_shape, rgb_to_lab, slic_torch
+from hiseg_cast.superpixels.torch_slic import connected_components, grid_shape, rgb_to_lab, slic_torch
 
 SKIMAGE_PICTURES = ("astronaut", "coffee", "chelsea")
 

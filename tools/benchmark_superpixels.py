@@ -89,7 +89,7 @@ def main(argv=None):
     from skimage.segmentation import slic
 
     from hiseg_cast.superpixels import SuperpixelConfig, compute_superpixels
-    from hiseg_cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels.torch_slic import slic_torch
 
     from hiseg.cli import Skipped
 

@@ -214,7 +214,7 @@ def build_oap_model(cfg, device: str):
 
 
 def process_oap(model, name, img, args, stem, input_format):
-    from hiseg_cast.visualize import save_panel_grid
+    from hiseg.visualization import save_panel_grid
     from hiseg_oap.visualize import oap_demo_panels
 
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def unique_stem(name: str, used: set) -> str:
 
 
 def process(backbone, name, img, args, stem):
-    from hiseg_cast.visualize import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
+    from hiseg.visualization import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
 
     t0 = time.perf_counter()
     rgb = prepare_image(img, args.max_size, name)

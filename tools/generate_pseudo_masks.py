@@ -455,7 +455,7 @@ def save_overlays(vis_dir: str, name: str, image: np.ndarray, pseudo, levels, me
     """``<name>_<method>_<kind>_L<layer>.png`` per level and ``<name>_<method>.png`` (all levels)."""
     import cv2
 
-    from hiseg_cast.visualize import save_panel_grid
+    from hiseg.visualization import save_panel_grid
     from hiseg_oap.visualize import masks_to_labels, overlay
 
     h, w = image.shape[:2]

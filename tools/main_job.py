@@ -45,8 +45,7 @@ from hiseg.image_io import read_image  # noqa: E402
 
 def prepare_input(model, path, max_size):
     """(image uint8 RGB at model resolution, input dict for the model); InputError for a bad file."""
-    from hiseg_cast.data_mapper import superpixels_for_image_tensor
-    from hiseg_cast.superpixels import SuperpixelConfig
+    from hiseg_cast.superpixels import SuperpixelConfig, superpixels_for_image_tensor
 
     img = read_image(path, format="RGB")
     h, w = img.shape[:2]
@@ -62,7 +61,7 @@ def prepare_input(model, path, max_size):
 
 
 def draw_pictures(model, out_dir, max_size, limit=0, skipped=None):
-    from hiseg_cast.visualize import hierarchy_panels, save_panel_grid
+    from hiseg.visualization import hierarchy_panels, save_panel_grid
 
     os.makedirs(out_dir, exist_ok=True)
     written = []

@@ -7,18 +7,21 @@ foreground of PASCAL VOC.
 
 Pipeline and choices:
 
-* **Class attention.** ``softmax(q_cls k^T / sqrt(d))`` per head, recomputed from the chosen
-  block's ``attn.qkv`` output (a forward hook; the models are not changed), with the block's
+* **Class attention.** Read through the backbone's attention-taps interface
+  (:mod:`hiseg.modeling.attention_taps`: ``class_attention(images, block, ...)``), which gives the
+  attention over the block's tokens and each pixel's token; this module knows no backbone's
+  internals. ``softmax(q_cls k^T / sqrt(d))`` per head, recomputed from the chosen block's
+  ``attn.qkv`` output (a forward hook; the models are not changed), with the block's
   ``q_norm`` / ``k_norm`` and scale, and the key-padding mask of CAST's padded token sets. As in
   DINO the softmax runs over all tokens including the class token itself; the class (and any
   register) columns are then dropped and the rest renormalised to sum to 1 per head. DINO
   renormalises the same way inside its threshold, so the 60% mask is identical.
 * **Which block.** Default: the last block (``block=-1``). For CAST its tokens are the segment
-  tokens of the last block group, i.e. hierarchy level ``g`` of the encoder output (with graph
+  tokens of the block's group, i.e. hierarchy level ``g`` of the encoder output (with graph
   pooling; level 0 without). CAST Appx. F.4 reads CAST-S's 9th block (32 tokens); pass
   ``block=8`` for that. Each pixel takes its token's attention (padding pixels get 0).
-  For the ViT each pixel takes its patch's attention (nearest upsampling by the patch size,
-  cropped to the image where timm padded bottom / right).
+  For the ViT each pixel takes its patch's attention (the patch grid covers the image; timm
+  pads bottom / right).
 * **Heads.** ``reduce="mean"`` (default) averages the heads' attention into one map per image,
   which the evaluator thresholds; ``reduce="none"`` keeps (B, heads, H, W) so that per-head
   masks (as DINO displays them) can be made with :func:`figure_ground_mask`.
@@ -38,84 +41,20 @@ import torch
 import torch.nn.functional as F
 from detectron2.evaluation import DatasetEvaluator
 
-from ..modeling.attention_taps import tap_qkv
 from .distributed import gather_records
 from .registry import register_evaluator_factory
 
 __all__ = [
-    "class_attention_from_qkv", "cast_class_attention", "class_attention_maps_cast",
-    "vit_class_attention", "class_attention_maps_vit", "figure_ground_mask",
-    "voc_foreground", "FigureGroundEvaluator",
+    "scatter_token_values", "attention_maps", "class_attention_maps", "figure_ground_mask",
+    "voc_foreground", "FigureGroundEvaluator", "figure_ground_factory",
 ]
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# class-token attention
-def class_attention_from_qkv(attn_module, qkv: torch.Tensor, key_valid: Optional[torch.Tensor] = None,
-                             num_prefix: int = 1) -> torch.Tensor:
-    """Class token (token 0) attention of a timm ``Attention`` from its ``qkv`` output.
-
-    Args:
-        attn_module: the block's ``attn`` (gives ``num_heads``, ``q_norm``, ``k_norm``, ``scale``).
-        qkv: (B, N, 3 * heads * head_dim), the output of ``attn.qkv``.
-        key_valid: (B, N) bool, False for padded keys (excluded), or None.
-        num_prefix: class + register tokens; their columns are dropped.
-    Returns:
-        (B, heads, N - num_prefix) attention, renormalised to sum to 1 per head.
-    """
-    b, n, c3 = qkv.shape
-    heads = attn_module.num_heads
-    hd = c3 // (3 * heads)
-    q, k, _ = qkv.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
-    logits = (q[:, :, :1] * attn_module.scale) @ k.transpose(-2, -1)  # (B, heads, 1, N)
-    logits = logits[:, :, 0].float()
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, :].bool(), float("-inf"))
-    attn = logits.softmax(-1)[:, :, num_prefix:]
-    return attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def _capture_qkv(block, run: Callable[[], object]):
-    with tap_qkv(block, detach=True) as tap:
-        out = run()
-    return out, tap.qkv
-
-
-def _block_group(depths, block: int) -> int:
-    total = sum(depths)
-    idx = block % total if -total <= block < total else None
-    if idx is None:
-        raise IndexError(f"block {block} out of range for {total} blocks")
-    return int(np.searchsorted(np.cumsum(depths), idx, side="right"))
-
-
-@torch.no_grad()
-def cast_class_attention(encoder, images: torch.Tensor, superpixels: torch.Tensor,
-                         block: int = -1) -> Dict[str, torch.Tensor]:
-    """The class token's attention over CAST's segment tokens in one block (default the last).
-
-    Returns a dict: ``attn`` (B, heads, M) (sums to 1 over the tokens the block attended to, 0 on the rest),
-    ``labels`` (B, H, W) the hierarchy level whose labels index those tokens (-1 = padding),
-    ``valid`` (B, M), ``level`` (int) and ``output`` (the encoder's output dict).
-    """
-    group = _block_group(encoder.depths, block)
-    blk = encoder.blocks[block]
-    out, qkv = _capture_qkv(blk, lambda: encoder(images, superpixels))
-    valid = out["levels"][group]["valid"]
-    level = group if encoder.pooling else 0
-    # the keys the block attended to (CAST's "members": with the released behaviour these include
-    # the all-zero tokens of segments that vanished on the grid)
-    keys = out["levels"][group].get("members", valid)
-    key_valid = torch.cat([keys.new_ones(keys.shape[0], 1), keys], 1)
-    attn = class_attention_from_qkv(blk.attn, qkv, key_valid, num_prefix=1)
-    return {"attn": attn, "labels": out["hierarchy"][:, level], "valid": valid, "level": level,
-            "output": out}
-
-
-def _scatter(token_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+# class-token attention at pixel resolution
+def scatter_token_values(token_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, K, M) token values -> (B, K, H, W) pixel maps through (B, H, W) labels (-1 -> 0)."""
     b, kdim, _ = token_values.shape
     flat = labels.flatten(1)
@@ -132,40 +71,19 @@ def _reduce(maps: torch.Tensor, reduce: str) -> torch.Tensor:
     raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
 
 
-def class_attention_maps_cast(encoder, images: torch.Tensor, superpixels: torch.Tensor,
-                              block: int = -1, reduce: str = "mean") -> torch.Tensor:
-    """Class-token attention of CAST scattered to pixels: (B, H, W) (heads averaged) or
-    (B, heads, H, W) with ``reduce="none"``. Each pixel holds its segment token's attention."""
-    res = cast_class_attention(encoder, images, superpixels, block)
-    return _reduce(_scatter(res["attn"], res["labels"]), reduce)
+def attention_maps(res: Dict[str, torch.Tensor], reduce: str = "mean") -> torch.Tensor:
+    """A ``class_attention`` result (:mod:`hiseg.modeling.attention_taps`) at pixel resolution:
+    each pixel holds its token's attention (0 where it has none): (B, H, W) with the heads
+    averaged, or (B, heads, H, W) with ``reduce="none"``."""
+    return _reduce(scatter_token_values(res["attn"], res["labels"]), reduce)
 
 
-@torch.no_grad()
-def vit_class_attention(vit_backbone, images: torch.Tensor, block: int = -1) -> Dict[str, object]:
-    """The class token's attention over a ViT's patch tokens: ``attn`` (B, heads, h*w), ``grid``."""
-    vit = vit_backbone.vit
-    if getattr(vit, "cls_token", None) is None:
-        raise ValueError("the ViT has no class token")
-    blk = vit.blocks[block]
-    (_, fmap), qkv = _capture_qkv(blk, lambda: vit_backbone.forward_tokens(images))
-    attn = class_attention_from_qkv(blk.attn, qkv, None, num_prefix=int(vit.num_prefix_tokens))
-    h, w = fmap.shape[-2:]
-    if attn.shape[-1] != h * w:
-        raise RuntimeError(f"{attn.shape[-1]} patch tokens for a {h}x{w} grid")
-    return {"attn": attn, "grid": (h, w)}
-
-
-def class_attention_maps_vit(vit_backbone, images: torch.Tensor, block: int = -1,
-                             reduce: str = "mean") -> torch.Tensor:
-    """Class-token attention of a :class:`~hiseg.modeling.vit.ViTBackbone` at pixel resolution
-    (nearest upsampling by the patch size, cropped to the image): (B, H, W) or (B, heads, H, W)."""
-    res = vit_class_attention(vit_backbone, images, block)
-    h, w = res["grid"]
-    p = vit_backbone.patch_size
-    maps = res["attn"].view(*res["attn"].shape[:2], h, w)
-    maps = maps.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
-    maps = maps[..., :images.shape[-2], :images.shape[-1]]
-    return _reduce(maps, reduce)
+def class_attention_maps(backbone, images: torch.Tensor, block: int = -1, reduce: str = "mean",
+                         **inputs) -> torch.Tensor:
+    """The class token's attention in block ``block`` of ``backbone`` at pixel resolution (see
+    :func:`attention_maps`), through the backbone's attention-taps interface
+    (``backbone.class_attention(images, block=block, **inputs)``; CAST takes ``superpixels``)."""
+    return attention_maps(backbone.class_attention(images, block=block, **inputs), reduce)
 
 
 # ---------------------------------------------------------------------------------------------

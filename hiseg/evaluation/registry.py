@@ -71,4 +71,4 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
 
 # the shared core's factories register themselves (each beside its evaluator)
 from . import (boundary_fscore, classification, detectron2_evaluators, figure_ground,  # noqa: E402,F401
-               hierarchical_evaluator, segment_retrieval)
+               hierarchical_evaluator)

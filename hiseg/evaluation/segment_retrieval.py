@@ -39,9 +39,8 @@ from detectron2.evaluation import DatasetEvaluator
 from .boundary_fscore import SemSegGroundTruth, _to_numpy
 from .hierarchical_evaluator import resize_nearest
 from .distributed import gather_records
-from .registry import register_evaluator_factory
 
-__all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference", "segment_retrieval_factory"]
+__all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,13 +224,3 @@ def collect_reference(evaluator: SegmentRetrievalEvaluator, model, data_loader) 
     finally:
         model.train(was_training)
     return n
-
-
-@register_evaluator_factory("sem_seg_retrieval")
-def segment_retrieval_factory(cfg, dataset_name, output_dir):
-    """Evaluator factory of ``evaluator_type="sem_seg_retrieval"`` (SegSort segment retrieval,
-    Appx. E.5): leave-one-image-out on the evaluated set
-    (an evaluator factory has no model to fill a reference memory; use
-    :func:`collect_reference` for the train-set memory)."""
-    k = cfg.MODEL.CAST_SEM_SEG.RETRIEVAL_K if hasattr(cfg.MODEL, "CAST_SEM_SEG") else 20
-    return [SegmentRetrievalEvaluator(dataset_name, distributed=True, output_dir=output_dir, k=k)]

@@ -12,8 +12,17 @@
   followed by a channel LayerNorm. Outputs are named ``p2..p6`` or ``res2..res5`` (stride
   ``2**k``). A patch size that is not a power of two (e.g. 14) is first resampled (bilinear) to
   the nearest power-of-two stride.
+* ``forward(x, features=None)`` returns the pyramid maps named in ``features`` (default: the
+  backbone's ``out_features``) and the token-level outputs of the same pass: ``cls`` (B, D), the
+  class token after the final norm (absent when the ViT has none), ``prefix_tokens`` (B, P, D)
+  (class and register tokens) and ``patch_tokens`` (B, D, h, w). ``features=()`` skips the
+  pyramid (a meta-architecture that reads only tokens, e.g. CAST's MoCo / classification
+  baselines); :meth:`ViTBackbone.freeze_unread_by_class_token` then freezes it.
 * :meth:`ViTBackbone.key_features` returns the last block's attention keys (hooked on
   ``blocks[-1].attn.qkv``), the features MaskCut and OAP build their affinity graphs from.
+* Attention taps (:mod:`hiseg.modeling.attention_taps`): ``attention_blocks()`` and
+  ``class_attention(images, block)``, the class token's attention over the patch tokens of one
+  block with each pixel's patch index (CAST Table 5, :mod:`hiseg.evaluation.figure_ground`).
 * ``activation_checkpointing=True`` (``MODEL.VIT.ACTIVATION_CHECKPOINTING``) recomputes each
   block's activations in the backward pass instead of keeping them (timm's
   ``set_grad_checkpointing`` flag, honoured by :meth:`ViTBackbone.forward_tokens`; see
@@ -33,7 +42,7 @@ from torch import nn
 
 from hiseg.compat import shape_spec
 
-from .attention_taps import split_qkv, tap_qkv
+from .attention_taps import class_attention_from_qkv, split_qkv, tap_qkv
 from .checkpointing import maybe_checkpoint
 
 __all__ = [
@@ -158,7 +167,12 @@ def make_timm_vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, m
 
 
 class ViTBackbone(Backbone):
-    """Plain ViT + simple feature pyramid. Inputs are normalised images (B, 3, H, W)."""
+    """Plain ViT + simple feature pyramid. Inputs are normalised images (B, 3, H, W); outputs
+    and interfaces: see the module docstring."""
+
+    #: state-dict prefixes (below the backbone) of the dense read-out, which only the pyramid
+    #: outputs read
+    DENSE_READOUT = ("pyramid",)
 
     def __init__(
         self,
@@ -234,9 +248,60 @@ class ViTBackbone(Backbone):
         p = vit.num_prefix_tokens
         return t[:, :p], t[:, p:].transpose(1, 2).reshape(b, d, h, w)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        _, fmap = self.forward_tokens(x)
-        return self.pyramid(fmap, image_size=x.shape[-2:])
+    def forward(self, x: torch.Tensor, features: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """The pyramid maps named in ``features`` (default: ``out_features``; ``()``: none) and
+        the token-level outputs ``cls`` (with a class token), ``prefix_tokens``, ``patch_tokens``."""
+        names = self._out_features if features is None else list(features)
+        unknown = [n for n in names if n not in self._out_features]
+        if unknown:
+            raise ValueError(f"{unknown} are not among this ViT's out_features {self._out_features}")
+        prefix, fmap = self.forward_tokens(x)
+        out = {}
+        if names:
+            maps = self.pyramid(fmap, image_size=x.shape[-2:])
+            out.update((n, maps[n]) for n in names)
+        if self.vit.cls_token is not None:
+            out["cls"] = prefix[:, 0]
+        out["prefix_tokens"] = prefix
+        out["patch_tokens"] = fmap
+        return out
+
+    def freeze_unread_by_class_token(self):
+        """Freeze the feature pyramid (``DENSE_READOUT``), which a meta-architecture that reads
+        only the token outputs never reaches (DistributedDataParallel without
+        ``find_unused_parameters``, detectron2's default, would stop)."""
+        for name in self.DENSE_READOUT:
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(False)
+
+    # ---------------------------------------------------------------------------------------------
+    # attention taps (hiseg.modeling.attention_taps)
+    def attention_blocks(self) -> List[nn.Module]:
+        """The transformer's blocks."""
+        return list(self.vit.blocks)
+
+    @torch.no_grad()
+    def class_attention(self, images: torch.Tensor, block: int = -1,
+                        features: Sequence[str] = ()) -> Dict[str, object]:
+        """The class token's attention over the patch tokens of block ``block`` from one forward
+        pass: ``attn`` (B, heads, h*w), ``labels`` (B, H, W) int64 each pixel's patch (raster
+        order; the patch grid covers the image, timm pads bottom / right), ``grid`` (h, w) and
+        ``output`` (``forward(images, features)`` of that pass)."""
+        if self.vit.cls_token is None:
+            raise ValueError("the ViT has no class token (MODEL.VIT.CLASS_TOKEN is False): no class attention")
+        blk = self.attention_blocks()[block]
+        with tap_qkv(blk, detach=True) as tap:
+            out = self(images, features)
+        attn = class_attention_from_qkv(blk.attn, tap.qkv, None, num_prefix=self.num_prefix_tokens)
+        h, w = out["patch_tokens"].shape[-2:]
+        if attn.shape[-1] != h * w:
+            raise RuntimeError(f"{attn.shape[-1]} patch tokens for a {h}x{w} grid")
+        height, width = images.shape[-2:]
+        p = self.patch_size
+        rows = torch.arange(height, device=images.device) // p
+        cols = torch.arange(width, device=images.device) // p
+        labels = (rows[:, None] * w + cols[None, :]).expand(images.shape[0], -1, -1)
+        return {"attn": attn, "labels": labels, "grid": (h, w), "output": out}
 
     def key_features(self, x: torch.Tensor, return_grid: bool = False):
         """Keys of the last block's self-attention for the patch tokens, (B, h*w, D).

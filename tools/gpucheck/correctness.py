@@ -83,7 +83,7 @@ def _label_map_problems(labels: np.ndarray) -> Optional[str]:
 
 
 def check_slic(table: Table, device: torch.device, prof) -> None:
-    from hiseg_cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels.torch_slic import slic_torch
 
     n, size, k = prof.slic_images, prof.slic_size, prof.slic_k
     x = sample_images(n, size)
@@ -238,7 +238,7 @@ def _compare_cast(oc, fc, od, fd):
 
 def check_cast_forward(table: Table, device: torch.device, prof) -> None:
     from hiseg_cast.modeling.backbone import encoder_from_cfg
-    from hiseg_cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels.torch_slic import slic_torch
 
     cfg = build_cfg(prof.cast_config, prof.cast_opts, "cpu")
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
     from timm.models.vision_transformer import VisionTransformer
 
     from hiseg_cast.modeling.backbone import encoder_from_cfg
-    from hiseg_cast.superpixels_torch import slic_torch
+    from hiseg_cast.superpixels.torch_slic import slic_torch
 
     tables = CastTables(report, prof, device)
     timer = Timer(device)

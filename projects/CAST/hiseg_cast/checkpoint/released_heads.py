@@ -12,7 +12,7 @@
 * **Segmenter's mask transformer** (``segmenter/segm/model/decoder.py`` ``MaskTransformer``):
   ``proj_dec``, ``blocks.i`` (LayerNorm eps 1e-5, qkv with bias, heads = width / 64), ``cls_emb``
   (1, K, D), ``proj_patch``, ``proj_classes``, ``decoder_norm``, ``mask_norm``. Ours
-  (``hiseg_cast.segmenter.MaskTransformerDecoder``) has the same tensors under the same names except
+  (``hiseg_cast.modeling.heads.MaskTransformerDecoder``) has the same tensors under the same names except
   ``cls_emb`` -> ``class_embed.weight`` (K, D), and computes the same function on every token the
   released decoder sees, with one difference: ours leaves padded token slots out of the decoder's
   attention (a batch whose images have different superpixel counts), the released decoder

@@ -370,7 +370,7 @@ def _eval_item(item: dict, inputs: _EvalInputs, dataset_name: str) -> dict:
     """Score one checkpoint (or the superpixels alone) on the evaluation images."""
     from hiseg.evaluation import HierarchicalSegEvaluator
 
-    from ..moco_mapper import mapper_computes_superpixels
+    from ..superpixels import mapper_computes_superpixels
 
     t0 = time.perf_counter()
     ev = HierarchicalSegEvaluator(dataset_name, distributed=False, region_targets=REGION_TARGETS)

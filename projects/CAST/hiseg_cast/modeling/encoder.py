@@ -15,6 +15,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hiseg.modeling.attention_taps import class_attention_from_qkv, tap_qkv
 from hiseg.modeling.checkpointing import maybe_checkpoint
 
 from .graph_pool import GraphPool, key_padding_bias
@@ -303,3 +304,49 @@ class CASTEncoder(nn.Module):
             else:
                 feats.append(out["levels"][g]["tokens"])
         return feats
+
+    # ------------------------------------------------------------------------------------------
+    # attention taps (hiseg.modeling.attention_taps; CAST Table 5 figure-ground)
+    def attention_blocks(self) -> List[nn.Module]:
+        """The ViT blocks, numbered flat over the block groups (as the released code)."""
+        return list(self.blocks)
+
+    def block_group(self, block: int) -> int:
+        """The block group (hierarchy level with pooling) a python index into the blocks
+        belongs to; IndexError when out of range."""
+        total = sum(self.depths)
+        if not -total <= block < total:
+            raise IndexError(f"block {block} out of range for {total} blocks")
+        idx, group, start = block % total, 0, 0
+        for group, depth in enumerate(self.depths):
+            if idx < start + depth:
+                break
+            start += depth
+        return group
+
+    def class_attention_of_pass(self, block: int, qkv: torch.Tensor, out: Dict[str, object]) -> Dict[str, object]:
+        """The class token's attention in block ``block`` from its tapped ``attn.qkv`` output and
+        the output ``out`` of the same forward pass: ``attn`` (B, heads, M), ``labels`` (B, H, W)
+        (the hierarchy level whose labels index those tokens, -1 = padding), ``valid`` (B, M) and
+        ``level``. The keys are the tokens the block attended to (``members``: with the released
+        behaviour these include the all-zero tokens of segments that vanished on the grid)."""
+        group = self.block_group(block)
+        valid = out["levels"][group]["valid"]
+        level = group if self.pooling else 0
+        keys = out["levels"][group].get("members", valid)
+        key_valid = torch.cat([keys.new_ones(keys.shape[0], 1), keys], 1)
+        attn = class_attention_from_qkv(self.blocks[block].attn, qkv, key_valid, num_prefix=1)
+        return {"attn": attn, "labels": out["hierarchy"][:, level], "valid": valid, "level": level}
+
+    @torch.no_grad()
+    def class_attention(self, images: torch.Tensor, block: int = -1, *, superpixels: torch.Tensor,
+                        num_segments: Optional[Sequence[int]] = None) -> Dict[str, object]:
+        """The class token's attention over the segment tokens of one block (default the last),
+        from one forward pass (the attention-taps interface, :mod:`hiseg.modeling.attention_taps`):
+        :meth:`class_attention_of_pass` and ``output``, the encoder's output of that pass."""
+        self.block_group(block)
+        with tap_qkv(self.blocks[block], detach=True) as tap:
+            out = self(images, superpixels, num_segments=num_segments)
+        res = self.class_attention_of_pass(block, tap.qkv, out)
+        res["output"] = out
+        return res

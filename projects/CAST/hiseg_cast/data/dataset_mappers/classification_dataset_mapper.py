@@ -1,9 +1,10 @@
-"""Dataset mapper for CAST / ViT image classification, and a tiny built-in classification set.
+"""``CASTClassificationMapper``: the data of CAST / ViT image classification (DeiT, linear probe).
 
 ``CASTClassificationMapper`` (``INPUT.DATASET_MAPPER_NAME: CASTClassificationMapper``) reads a
 classification dict (``file_name``, ``label``, as :mod:`hiseg.data.datasets.imagenet` makes) and
 returns ``image`` ((C, S, S) uint8 tensor in ``INPUT.FORMAT``), ``superpixels`` ((S, S) int64,
-only for CAST with segment tokens), ``label``, ``height`` / ``width`` (= S).
+when :func:`hiseg_cast.superpixels.mapper_computes_superpixels` says so: CAST with segment tokens
+and a CPU method), ``label``, ``height`` / ``width`` (= S).
 
 Training (DeiT, Table 12): RandomResizedCrop(S, scale (``MODEL.CLS.CROP_MIN_SCALE``, 1), bicubic)
 -> horizontal flip -> RandAugment -> superpixels on the augmented uint8 image, so S_0 always
@@ -15,7 +16,7 @@ fill = the pixel mean). ``"torchvision"`` selects ``torchvision.transforms.RandA
 magnitude=9)`` instead, an approximation (fixed magnitude, no magnitude noise, a different op
 set / ranges). Not reproduced from DeiT: random erasing (``--reprob 0.25``, not listed in Table 12)
 and repeated augmentation (a sampler matter). Mixup / CutMix happen in the model (they mix
-pairs of a batch, see :class:`hiseg_cast.classification.SuperpixelMixup`).
+pairs of a batch, see :class:`hiseg_cast.modeling.superpixel_mixup.SuperpixelMixup`).
 
 Linear probing (MoCo-v3 ``main_lincls``): ``AUTO_AUGMENT: ""`` and ``INTERPOLATION: bilinear``
 give RandomResizedCrop + flip only. Test: resize the short side to ``S / TEST_CROP_PCT``
@@ -23,7 +24,7 @@ give RandomResizedCrop + flip only. Test: resize the short side to ``S / TEST_CR
 
 ``skimage_instances_{train,val}``: the 16 natural photographs of scikit-image, each its own class
 (instance recognition), for CPU smoke runs of the classification pipeline (train on random crops,
-test on centre crops of the same images). Registered when this module is imported.
+test on centre crops of the same images), are registered by :mod:`hiseg.data.datasets.skimage_images`.
 """
 import copy
 
@@ -35,18 +36,11 @@ from torchvision import transforms as T
 from hiseg.data.mapper_registry import MAPPER_REGISTRY
 from hiseg.image_io import read_image
 
-from .superpixels import SuperpixelConfig, compute_superpixels
+from ...superpixels import SuperpixelConfig, compute_superpixels, mapper_computes_superpixels
 
-__all__ = ["CASTClassificationMapper", "build_cls_transforms",
-           "needs_superpixels"]
+__all__ = ["CASTClassificationMapper", "build_cls_transforms"]
 
 _INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
-
-
-def needs_superpixels(cfg) -> bool:
-    """Whether the model consumes superpixels the mapper should compute (CAST, segment tokens)."""
-    return cfg.MODEL.BACKBONE.NAME in ("build_cast_backbone", "build_cast_fpn_backbone") \
-        and cfg.MODEL.CAST.TOKENS == "segment"
 
 
 def _randaugment(name: str, size: int, mean_rgb, interpolation: str):
@@ -94,9 +88,8 @@ class CASTClassificationMapper:
         self.is_train = is_train
         self.transform = build_cls_transforms(cfg, is_train)
         self.image_format = cfg.INPUT.FORMAT
-        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL) if needs_superpixels(cfg) else None
-        if self.superpixel_cfg is not None and self.superpixel_cfg.on_model_device:
-            self.superpixel_cfg = None  # slic_torch: the model computes S_0 on its device
+        self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL) \
+            if mapper_computes_superpixels(cfg) else None
 
     def __call__(self, dataset_dict):
         d = copy.deepcopy(dataset_dict)

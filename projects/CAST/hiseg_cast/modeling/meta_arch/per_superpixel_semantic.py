@@ -1,13 +1,15 @@
 """CAST for semantic segmentation by transfer learning (Appx. E.5, Fig. 12).
 
 ``CASTSemanticSegmentor`` (``MODEL.META_ARCHITECTURE: CASTSemanticSegmentor``, keys
-``MODEL.CAST_SEM_SEG.*`` from ``add_cast_semantic_config``):
+``MODEL.CAST_SEM_SEG.*``), the per-superpixel head: every superpixel token gets class logits,
+every pixel those of its superpixel:
 
 1. CAST encodes the image on its superpixels S_0 (given by ``CASTDatasetMapper`` as
-   ``"superpixels"``, or computed here per image on the unpadded image when absent);
+   ``"superpixels"``, or computed by the backbone on the unpadded image when absent:
+   :func:`hiseg_cast.superpixels.input_superpixels`);
 2. the tokens of every block group are unpooled to the superpixels (Eq. 4), concatenated and
    fused by the backbone's fully connected layer: ``f_seg = fuse(Z_0 (+) ... (+) Unpool(Z_L))``
-   (Alg. 2), one D-vector per superpixel;
+   (Alg. 2), one D-vector per superpixel: the backbone's ``segment_tokens`` output;
 3. a 2-layer 1x1-convolution head (conv - BN - ReLU - conv; "we replace the 3-layer MLP head
    with 2-layer 1x1 convolutional layers") gives per-pixel class logits, trained with per-pixel
    softmax cross-entropy (label ``IGNORE_VALUE`` ignored).
@@ -46,118 +48,19 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
-from hiseg.modeling.sync_batchnorm import SyncBatchNorm2d, differentiable_all_reduce
-
-from .data_mapper import batch_superpixels
-from .modeling.segment_ops import segment_to_grid_matrix
+from ...superpixels import input_superpixels
+from ..backbone import CASTBackbone, build_cast_token_backbone
+from ..heads.pixel_head import PixelHead, superpixel_cross_entropy
+from ..segment_ops import segment_to_grid_matrix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CASTSemanticSegmentor", "PixelHead", "segment_features", "nearest_level",
-           "superpixel_cross_entropy", "build_token_backbone"]
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over workers (identity on one worker)."""
-    return differentiable_all_reduce(x)
-
-
-class PixelHead(nn.Module):
-    """The 2-layer 1x1-conv classifier: conv(D -> hidden) - norm - ReLU - conv(hidden -> classes).
-
-    ``forward_grid`` runs it on a (B, D, h, w) map. ``forward_tokens`` runs it on (B, N, D)
-    tokens that stand for ``weights`` (B, N) pixels each; it equals ``forward_grid`` on the map
-    where every pixel carries its token, BatchNorm statistics included (pixel-weighted).
-    ``norm``: "BN", "SyncBN" (statistics summed over all workers) or "" (no norm, conv1 biased).
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int, norm: str = "BN"):
-        super().__init__()
-        if norm not in ("BN", "SyncBN", ""):
-            raise ValueError(f"MODEL.CAST_SEM_SEG.HEAD_NORM must be 'BN', 'SyncBN' or '', got {norm!r}")
-        self.sync = norm == "SyncBN"
-        self.conv1 = nn.Conv2d(in_dim, hidden_dim, 1, bias=not norm)
-        self.norm = None
-        if norm:
-            # SyncBN: full-batch statistics, running variance unbiased as nn.BatchNorm2d's (not
-            # detectron2's NaiveSyncBatchNorm, whose running variance is biased)
-            self.norm = SyncBatchNorm2d(hidden_dim) if self.sync else nn.BatchNorm2d(hidden_dim)
-        self.conv2 = nn.Conv2d(hidden_dim, num_classes, 1)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv1.bias is not None:
-            nn.init.zeros_(self.conv1.bias)
-        nn.init.normal_(self.conv2.weight, std=0.01)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward_grid(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(x)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.conv2(F.relu(h))
-
-    def forward_tokens(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        h = F.linear(tokens, self.conv1.weight.flatten(1), self.conv1.bias)
-        if self.norm is not None:
-            h = self._weighted_batch_norm(h, weights)
-        return F.linear(F.relu(h), self.conv2.weight.flatten(1), self.conv2.bias)
-
-    def _weighted_batch_norm(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        bn = self.norm
-        k = h.shape[-1]
-        if not (self.training and bn.training):
-            flat = F.batch_norm(h.reshape(-1, k), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                False, 0.0, bn.eps)
-            return flat.view_as(h)
-        w = weights.to(h.dtype).unsqueeze(-1)  # (B, N, 1)
-        reduce = _all_reduce if self.sync else (lambda t: t)
-        sums = reduce(torch.cat([w.sum((0, 1)), (w * h).sum((0, 1))]))
-        n = sums[0].clamp(min=1.0)
-        mean = sums[1:] / n
-        var = reduce((w * (h - mean) ** 2).sum((0, 1))) / n
-        with torch.no_grad():
-            m = bn.momentum if bn.momentum is not None else 0.1
-            unbiased = var * (n / (n - 1).clamp(min=1.0))
-            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            bn.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-            bn.num_batches_tracked.add_(1)
-        return (h - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
-
-
-def superpixel_cross_entropy(token_logits: torch.Tensor, superpixels: torch.Tensor, targets: torch.Tensor,
-                             ignore_value: int = 255) -> torch.Tensor:
-    """Per-pixel softmax cross-entropy when every pixel takes its superpixel's logits.
-
-    Args:
-        token_logits: (B, N, C) class logits of the N superpixel tokens.
-        superpixels: (B, H, W) int64 token index of each pixel (-1 = padding).
-        targets: (B, H, W) int64 labels in [0, C) or ``ignore_value``.
-    Returns the mean NLL over the labelled pixels, computed from a (token, class) histogram of
-    the labelled pixels instead of an (B, C, H, W) logit map (same value, a fraction of the
-    memory). A batch without labelled pixels gives a zero that still touches the graph.
-    """
-    b, n, c = token_logits.shape
-    valid = targets != ignore_value
-    if bool((targets[valid] >= c).any()) or bool((targets[valid] < 0).any()):
-        raise ValueError(f"sem_seg labels must be in [0, {c}) or {ignore_value}")
-    logp = F.log_softmax(token_logits, dim=-1)
-    bidx = torch.arange(b, device=superpixels.device)[:, None, None].expand_as(superpixels)
-    idx = ((bidx * n + superpixels.clamp(min=0)) * c + targets.clamp(min=0))[valid]
-    hist = torch.bincount(idx, minlength=b * n * c).view(b, n, c).to(logp.dtype)
-    return -(hist * logp).sum() / hist.sum().clamp(min=1.0)
-
-
-def build_token_backbone(cfg):
-    """The CAST backbone for a meta-architecture that reads the fused tokens itself: built without
-    the res2..res5 maps (their LayerNorms would be parameters without gradients)."""
-    bb_cfg = cfg.clone()
-    bb_cfg.defrost()
-    bb_cfg.MODEL.CAST.OUT_FEATURES = []
-    return build_backbone(bb_cfg)
+__all__ = ["CASTSemanticSegmentor", "segment_features", "nearest_level"]
 
 
 def nearest_level(num_segments: torch.Tensor, target: int) -> int:
@@ -191,12 +94,12 @@ class CASTSemanticSegmentor(nn.Module):
                  retrieval_output: bool = False, retrieval_level: int = -1,
                  retrieval_num_segments: int = 40, pixel_mean, pixel_std):
         super().__init__()
-        if not (hasattr(backbone, "encoder") and hasattr(backbone, "fuse")):
-            raise TypeError("CASTSemanticSegmentor needs a CASTBackbone (MODEL.BACKBONE.NAME: build_cast_backbone)")
+        if not isinstance(backbone, CASTBackbone):
+            raise TypeError(f"{type(self).__name__} needs a CASTBackbone (MODEL.BACKBONE.NAME: build_cast_backbone)")
         if feature_stride < 1:
             raise ValueError(f"MODEL.CAST_SEM_SEG.FEATURE_STRIDE must be >= 1, got {feature_stride}")
         self.backbone = backbone
-        self.head = PixelHead(backbone.encoder.embed_dim, head_dim, num_classes, head_norm)
+        self.head = PixelHead(backbone.embed_dim, head_dim, num_classes, head_norm)
         self.num_classes = num_classes
         self.feature_stride = int(feature_stride)
         self.ignore_value = int(ignore_value)
@@ -212,7 +115,7 @@ class CASTSemanticSegmentor(nn.Module):
     def from_config(cls, cfg):
         c = cfg.MODEL.CAST_SEM_SEG
         return {
-            "backbone": build_token_backbone(cfg),
+            "backbone": build_cast_token_backbone(cfg),
             "num_classes": c.NUM_CLASSES,
             "head_dim": c.HEAD_DIM,
             "head_norm": c.HEAD_NORM,
@@ -231,29 +134,14 @@ class CASTSemanticSegmentor(nn.Module):
         return self.pixel_mean.device
 
     # ------------------------------------------------------------------------------------------
-    def _superpixels(self, batched_inputs, images: ImageList) -> torch.Tensor:
-        padded = tuple(images.tensor.shape[-2:])
-        maps = []
-        for i, d in enumerate(batched_inputs):
-            h, w = images.image_sizes[i]
-            sp = d.get("superpixels")
-            if sp is None:
-                sp = self.backbone.superpixels_from_images(images.tensor[i:i + 1, :, :h, :w])[0]
-            elif tuple(sp.shape) != (h, w):
-                raise ValueError(f"superpixels {tuple(sp.shape)} do not match the image {(h, w)}")
-            maps.append(sp.to(self.device).long())
-        return batch_superpixels(maps, padded)
-
     def encode(self, batched_inputs):
-        """Images, superpixels (B, H, W), fused tokens f_seg (B, M_0, D) and the encoder output."""
+        """Images (``ImageList``), superpixels (B, H, W), fused tokens f_seg (B, M_0, D) and the
+        backbone's outputs (``hierarchy``, ``num_segments``, ``segment_valid``, ...)."""
         images = [(d["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for d in batched_inputs]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        sp = self._superpixels(batched_inputs, images)
-        counts = None if self.training else self.backbone.test_num_segments
-        out = self.backbone.encoder(images.tensor, sp, num_segments=counts)
-        per_level = self.backbone.encoder.unpool_to_superpixels(out)
-        fused = self.backbone.fuse(torch.cat(per_level, dim=-1))
-        return images, sp, fused, out
+        sp = input_superpixels(self.backbone, batched_inputs, images.tensor, images.image_sizes)
+        out = self.backbone(images.tensor, sp, features=("segment_tokens",))
+        return images, out["superpixels"], out["segment_tokens"], out
 
     @staticmethod
     def _pixel_counts(sp: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -284,7 +172,7 @@ class CASTSemanticSegmentor(nn.Module):
 
     def token_logits(self, fused: torch.Tensor, sp: torch.Tensor, out) -> torch.Tensor:
         """(B, M_0, C) class logits of the superpixel tokens (the ``FEATURE_STRIDE`` 1 path).
-        ``out`` is the encoder output; subclasses with another head override this."""
+        ``out`` is the backbone's output; subclasses with another head override this."""
         return self.head.forward_tokens(fused, self._pixel_counts(sp, fused.shape[1]))
 
     def _loss(self, fused, sp, targets, out=None) -> torch.Tensor:

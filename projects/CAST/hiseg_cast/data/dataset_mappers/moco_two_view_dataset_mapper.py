@@ -5,11 +5,9 @@ resized crop (scale 0.08-1) to ``INPUT.CROP.SIZE``, horizontal flip, colour jitt
 0.2, 0.1) with p=0.8, greyscale p=0.2, Gaussian blur (p=1.0 / 0.1, sigma 0.1-2.0) and solarize
 (p=0 / 0.2) for view 1 / view 2. Superpixels are computed on each augmented uint8 view (SEEDS,
 15 bins, 20 iterations, Table 11 / released code), so they always match the view's pixels.
-They are left out when the model would not read them: the ViT baseline
-(``MODEL.BACKBONE.NAME: build_vit_backbone``) takes none, and CAST with patch tokens
-(``MODEL.CAST.TOKENS: patch``, Table 3a) builds its square cells itself; computing SEEDS there
-would cost the ViT wall-clock time for nothing, and would feed SEEDS to the patch ablation
-(CASTMoCo prefers superpixels given by the mapper).
+They are left out when the model would not read them (the ViT baseline, CAST with patch tokens,
+``slic_torch``): :func:`hiseg_cast.superpixels.mapper_computes_superpixels`, the rule every
+mapper follows.
 """
 import copy
 
@@ -22,10 +20,10 @@ from torchvision import transforms as T
 from hiseg.data.mapper_registry import MAPPER_REGISTRY
 from hiseg.image_io import read_image
 
-from .data_mapper import superpixels_for_image_tensor
-from .superpixels import SuperpixelConfig, compute_superpixels
+from ...superpixels import (SuperpixelConfig, compute_superpixels, mapper_computes_superpixels,
+                            superpixels_for_image_tensor)
 
-__all__ = ["MoCoTwoViewMapper", "mapper_computes_superpixels"]
+__all__ = ["MoCoTwoViewMapper"]
 
 
 class _Blur:
@@ -57,28 +55,13 @@ def _view_transform(size, blur_p, solarize_p, scale_min):
     ])
 
 
-# backbones that read no superpixels
-_NO_SUPERPIXEL_BACKBONES = ("build_vit_backbone",)
-
-
-def mapper_computes_superpixels(cfg) -> bool:
-    """Whether the mapper should give each view its S_0: not for a backbone that reads none
-    (the plain ViT), not for CAST's patch tokens (the backbone makes the cells), not for
-    ``slic_torch`` (the model computes S_0 for the batch on its device)."""
-    if cfg.MODEL.BACKBONE.NAME in _NO_SUPERPIXEL_BACKBONES:
-        return False
-    if cfg.MODEL.CAST.TOKENS == "patch":
-        return False
-    return not SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL).on_model_device
-
-
 @MAPPER_REGISTRY.register()
 class MoCoTwoViewMapper:
     """Training: two augmented views (``view1`` / ``view2``, with ``superpixels1`` / ``2``).
     Evaluation (``is_train=False``, e.g. ``--eval-only`` or ``TEST.EVAL_PERIOD`` on BSDS500): one
     ``image`` resized as detectron2's test mapper does (``INPUT.MIN_SIZE_TEST`` /
     ``MAX_SIZE_TEST``), with its ``superpixels`` under the same rule as the views, which is what
-    :meth:`cast.CASTMoCo.inference` reads."""
+    :meth:`hiseg_cast.CASTMoCo.inference` reads."""
 
     def __init__(self, cfg, is_train: bool = True):
         self.is_train = is_train

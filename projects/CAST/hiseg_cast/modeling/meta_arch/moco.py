@@ -16,6 +16,12 @@ the attention-based figure-ground mask of CAST Table 5 / Appx. F.4 (DINO's proce
 class token's attention in block ``FIGURE_GROUND.BLOCK`` (heads averaged), thresholded to keep
 ``FIGURE_GROUND.MASS`` (60%) of its mass; :class:`~hiseg.evaluation.FigureGroundEvaluator`
 (``TEST.EVALUATORS: ["figure_ground"]``) scores it against VOC's foreground.
+
+Both backbones are read through their public outputs (``backbone(images, features=())``: the
+class token ``cls``, CAST's ``hierarchy`` / ``num_segments``, the ViT's ``patch_tokens``) and
+their attention taps (``class_attention``, :mod:`hiseg.modeling.attention_taps`); superpixels
+follow :mod:`hiseg_cast.superpixels.policy`. At test time the hierarchy has the backbone's test
+segment counts (``MODEL.CAST.TEST_NUM_SEGMENTS`` when set, Table 6d).
 """
 import copy
 
@@ -27,10 +33,12 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from hiseg.evaluation.figure_ground import (class_attention_maps_cast, class_attention_maps_vit,
-                                            figure_ground_mask)
+from hiseg.evaluation.figure_ground import attention_maps, figure_ground_mask
 from hiseg.modeling.ema import copy_once_, cosine_momentum, ema_update_
 from hiseg.modeling.sync_batchnorm import convert_to_sync_batchnorm
+
+from ...superpixels import input_superpixels
+from ..backbone import CASTBackbone
 
 __all__ = ["CASTMoCo", "build_mlp", "moco_momentum", "concat_all_gather"]
 
@@ -88,22 +96,13 @@ class CASTMoCo(nn.Module):
         self.figure_ground_mass = float(figure_ground_mass)
         # SyncBN everywhere, as MoCo-v3 (its statistics span the batch of all processes)
         self.backbone = convert_to_sync_batchnorm(backbone)
-        self.is_cast = hasattr(backbone, "encoder")
-        width = backbone.encoder.embed_dim if self.is_cast else backbone.vit.embed_dim
-        self.projector = convert_to_sync_batchnorm(build_mlp(3, width, mlp_dim, dim))
+        self.projector = convert_to_sync_batchnorm(build_mlp(3, backbone.embed_dim, mlp_dim, dim))
         self.predictor = convert_to_sync_batchnorm(build_mlp(2, dim, mlp_dim, dim, last_bn=False))
         # No gradient reaches from the class token: CAST's dense read-out and its last graph
         # pooling (it only reads out the hierarchy's coarsest level, by argmax), the ViT's
         # feature pyramid. Frozen, so that DistributedDataParallel without find_unused_parameters
         # (detectron2's) does not stop at the second step (as CASTClassifier does).
-        if self.is_cast:
-            unread = [getattr(backbone, "fuse", None), getattr(backbone, "out_norms", None)]
-            unread += [backbone.encoder.pools[-1]] if len(backbone.encoder.pools) else []
-        else:
-            unread = [getattr(backbone, "pyramid", None)]
-        for module in unread:
-            for p in module.parameters() if module is not None else ():
-                p.requires_grad_(False)
+        self.backbone.freeze_unread_by_class_token()
         self.momentum_backbone = copy.deepcopy(self.backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in list(self.momentum_backbone.parameters()) + list(self.momentum_projector.parameters()):
@@ -121,13 +120,19 @@ class CASTMoCo(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @property
+    def is_cast(self) -> bool:
+        """True for CAST's backbone (the hierarchy comes from its graph pooling), False for the ViT
+        baseline (nested K-means of its patch tokens)."""
+        return isinstance(self.backbone, CASTBackbone)
+
+    @property
     def eval_unused_prefixes(self):
         """State-dict prefixes inference never reads (the training-only MoCo parts, and the
-        backbone's dense outputs: CAST's fuse / out_norms, the ViT's pyramid; the hierarchy and
-        the figure-ground mask come from the encoder's tokens): an evaluated checkpoint need not fill
-        them (``hiseg.checkpoint_io.check_part_filled``)."""
+        backbone's dense read-out, ``DENSE_READOUT``: CAST's fuse / out_norms, the ViT's pyramid;
+        the hierarchy and the figure-ground mask come from the encoder's tokens): an evaluated
+        checkpoint need not fill them (``hiseg.checkpoint_io.check_part_filled``)."""
         unused = ("projector.", "predictor.", "momentum_backbone.", "momentum_projector.")
-        return unused + (("backbone.fuse.", "backbone.out_norms.") if self.is_cast else ("backbone.pyramid.",))
+        return unused + tuple(f"backbone.{name}." for name in self.backbone.DENSE_READOUT)
 
     @classmethod
     def from_config(cls, cfg):
@@ -158,26 +163,21 @@ class CASTMoCo(nn.Module):
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * comm.get_rank()
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
-    def _view_superpixels(self, batched_inputs, k: int, images: torch.Tensor):
-        """S_0 of view ``k``: from the mapper, or (``slic_torch``, or a mapper that gave none)
-        computed for the whole batch on the model's device. The ViT needs none."""
-        if not self.is_cast:
-            return None
-        key = f"superpixels{k}"
-        if all(key in d for d in batched_inputs):
-            return torch.stack([d[key] for d in batched_inputs]).to(self.device)
-        return self.backbone.superpixels_from_images(images)
+    @staticmethod
+    def _inputs(superpixels):
+        """The backbone's forward inputs besides the images (superpixels for CAST, when known)."""
+        return {} if superpixels is None else {"superpixels": superpixels}
 
     def _embed(self, backbone, projector, images, sps):
-        if self.is_cast:
-            return projector(backbone.encoder(images, sps)["cls"])
-        return projector(backbone.forward_tokens(images)[0][:, 0])
+        return projector(backbone(images, features=(), **self._inputs(sps))["cls"])
 
     def forward(self, batched_inputs):
         if not self.training:
             return self.inference(batched_inputs)
         x1, x2 = (self._normalize([d[f"view{k}"] for d in batched_inputs]) for k in (1, 2))
-        s1, s2 = (self._view_superpixels(batched_inputs, k, x) for k, x in ((1, x1), (2, x2)))
+        # each view's S_0 from the mapper, or computed by the backbone (hiseg_cast.superpixels.policy)
+        s1, s2 = (input_superpixels(self.backbone, batched_inputs, x, key=f"superpixels{k}")
+                  for k, x in ((1, x1), (2, x2)))
         it = get_event_storage().iter
         m = moco_momentum(self.base_momentum, it, self.max_iter)
         q1 = self.predictor(self._embed(self.backbone, self.projector, x1, s1))
@@ -190,15 +190,11 @@ class CASTMoCo(nn.Module):
         return {"loss_moco": self._contrastive(q1, k2) + self._contrastive(q2, k1)}
 
     def _check_figure_ground_block(self):
-        n = sum(self.backbone.encoder.depths) if self.is_cast else len(self.backbone.vit.blocks)
+        n = len(self.backbone.attention_blocks())
         b = self.figure_ground_block
         if not -n <= b < n:
-            kind = "CAST" if self.is_cast else "ViT"
-            raise ValueError(f"MODEL.CAST.FIGURE_GROUND.BLOCK {b} is out of range for a {kind} with {n} "
-                             f"blocks (valid: {-n} .. {n - 1}); CAST-S's 9th block (Appx. F.4) is 8")
-        if not self.is_cast and getattr(self.backbone.vit, "cls_token", None) is None:
-            raise ValueError("MODEL.CAST.FIGURE_GROUND needs a class token: the ViT has none "
-                             "(MODEL.VIT.CLASS_TOKEN is False)")
+            raise ValueError(f"MODEL.CAST.FIGURE_GROUND.BLOCK {b} is out of range for {type(self.backbone).__name__}'s "
+                             f"{n} blocks (valid: {-n} .. {n - 1}); CAST-S's 9th block (Appx. F.4) is 8")
 
     def _figure_ground_mask(self, attn_map, height, width):
         """(H, W) class attention -> (height, width) bool: DINO's mass rule, then nearest resize."""
@@ -207,20 +203,27 @@ class CASTMoCo(nn.Module):
             mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0] > 0.5
         return mask
 
-    def _cast_encode(self, img, sp):
-        """The encoder's output; with figure-ground on, also the head-averaged class-token
-        attention map of the chosen block from the same forward pass (the encoder's output is
-        taken by a forward hook while :func:`class_attention_maps_cast` runs it)."""
-        encoder = self.backbone.encoder
+    def _encode(self, img, sp):
+        """The backbone's outputs for one image; with figure-ground on, also the head-averaged
+        class-token attention map of the chosen block, from the same forward pass."""
         if not self.figure_ground:
-            return encoder(img, sp), None
-        store = {}
-        handle = encoder.register_forward_hook(lambda _m, _i, o: store.__setitem__("out", o))
-        try:
-            attn = class_attention_maps_cast(encoder, img, sp, block=self.figure_ground_block)
-        finally:
-            handle.remove()
-        return store["out"], attn[0]
+            return self.backbone(img, features=(), **self._inputs(sp)), None
+        res = self.backbone.class_attention(img, block=self.figure_ground_block, features=(), **self._inputs(sp))
+        return res["output"], attention_maps(res)[0]
+
+    def _hierarchy(self, out, height, width):
+        """(L+1, height, width) int64 hierarchy and (L+1,) segment counts of one image: CAST's
+        own (resized nearest), or for the ViT the nested K-means of its patch tokens (Appx. D.4)
+        with CAST's segment counts."""
+        if "hierarchy" in out:
+            h = out["hierarchy"][0]
+            if (height, width) != tuple(h.shape[-2:]):
+                h = F.interpolate(h[None].float(), size=(height, width), mode="nearest")[0].long()
+            return h, out["num_segments"][0]
+        from hiseg.modeling.vit_kmeans import vit_kmeans_hierarchy
+
+        h = vit_kmeans_hierarchy(out["patch_tokens"], (height, width), counts=self.kmeans_counts)
+        return h, torch.tensor([int(level.max()) + 1 for level in h])
 
     @torch.no_grad()
     def inference(self, batched_inputs):
@@ -229,35 +232,13 @@ class CASTMoCo(nn.Module):
         ``MODEL.CAST.FIGURE_GROUND.ENABLED``."""
         if self.figure_ground:
             self._check_figure_ground_block()
-        if not self.is_cast:
-            return self._vit_kmeans_inference(batched_inputs)
         results = []
         for d in batched_inputs:
             img = self._normalize([d["image"]])
-            sp = d.get("superpixels")
-            sp = sp[None].to(self.device) if sp is not None else self.backbone.superpixels_from_images(img)
-            out, attn = self._cast_encode(img, sp)
-            h = out["hierarchy"][0]
-            height, width = d.get("height", h.shape[-2]), d.get("width", h.shape[-1])
-            if (height, width) != tuple(h.shape[-2:]):
-                h = F.interpolate(h[None].float(), size=(height, width), mode="nearest")[0].long()
-            results.append({"hierarchy": h, "num_segments": out["num_segments"][0], "cls": out["cls"][0]})
-            if attn is not None:
-                results[-1]["figure_ground"] = self._figure_ground_mask(attn, height, width)
-        return results
-
-    def _vit_kmeans_inference(self, batched_inputs):
-        from hiseg.modeling.vit_kmeans import vit_kmeans_hierarchy
-
-        results = []
-        for d in batched_inputs:
-            img = self._normalize([d["image"]])
-            prefix, fmap = self.backbone.forward_tokens(img)
+            out, attn = self._encode(img, input_superpixels(self.backbone, [d], img))
             height, width = d.get("height", img.shape[-2]), d.get("width", img.shape[-1])
-            h = vit_kmeans_hierarchy(fmap, (height, width), counts=self.kmeans_counts)
-            results.append({"hierarchy": h, "num_segments": torch.tensor([int(l.max()) + 1 for l in h]),
-                            "cls": prefix[0, 0]})
-            if self.figure_ground:  # a second forward pass: forward_tokens runs no module hooks
-                attn = class_attention_maps_vit(self.backbone, img, block=self.figure_ground_block)[0]
+            h, counts = self._hierarchy(out, height, width)
+            results.append({"hierarchy": h, "num_segments": counts, "cls": out["cls"][0]})
+            if attn is not None:
                 results[-1]["figure_ground"] = self._figure_ground_mask(attn, height, width)
         return results

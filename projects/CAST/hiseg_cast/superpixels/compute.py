@@ -1,9 +1,10 @@
 """Superpixels: the level-0 segments S_0 of CAST (Sec. 3.1, Appx. A.2).
 
 SEEDS (Bergh et al. 2012) through OpenCV ``ximgproc`` is the default, SLIC (scikit-image) the
-alternative of Table 7. ``slic_torch`` is SLIC in PyTorch (:mod:`hiseg_cast.superpixels_torch`): it
-runs batched on the images' device, so :func:`compute_superpixels_batch` (the backbone's path
-when it is given only images) makes S_0 for a whole batch on the GPU in one call.
+alternative of Table 7. ``slic_torch`` is SLIC in PyTorch (:mod:`hiseg_cast.superpixels.torch_slic`):
+it runs batched on the images' device, so :func:`compute_superpixels_batch` (the backbone's path
+when it is given only images) makes S_0 for a whole batch on the GPU in one call. Where S_0 is
+computed (data mapper or backbone) is decided in one place, :mod:`hiseg_cast.superpixels.policy`.
 
 Settings follow the authors' released code: SEEDS runs on the augmented
 uint8 RGB image converted to LAB, with ``num_levels=1, prior=2, double_step=False``;
@@ -34,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SuperpixelConfig", "compute_superpixels", "grid_superpixels", "relabel_consecutive",
+__all__ = ["SuperpixelConfig", "compute_superpixels", "grid_superpixels", "patch_superpixels", "renumber_labels",
            "num_superpixels_for", "to_rgb_uint8", "compute_superpixels_batch", "METHODS", "SEEDS_INPUTS",
            "released_segmenter_seeds_input"]
 
@@ -127,20 +128,22 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image dtype {img.dtype}")
 
 
-def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
-    """Map the labels present to ``0..n-1`` keeping their order (int64)."""
+def renumber_labels(labels: np.ndarray) -> np.ndarray:
+    """Every value present (negative ones included) mapped to ``0..n-1`` in increasing order
+    (int64): the label maps of the superpixel methods. For torch label maps with -1 padding,
+    see :func:`hiseg_cast.modeling.superpixel_mixup.renumber_labels_keep_padding`."""
     _, inv = np.unique(labels, return_inverse=True)
     return inv.reshape(labels.shape).astype(np.int64)
 
 
 def grid_superpixels(height: int, width: int, num: int) -> np.ndarray:
     """A regular grid of about ``num`` near-square cells (also the 'patch tokens' of Table 3a)."""
-    from .superpixels_torch import grid_shape  # the same grid SLIC starts from
+    from .torch_slic import grid_shape  # the same grid SLIC starts from
 
     rows, cols = grid_shape(height, width, num)
     r = np.minimum((np.arange(height) * rows) // height, rows - 1)
     c = np.minimum((np.arange(width) * cols) // width, cols - 1)
-    return relabel_consecutive(r[:, None] * cols + c[None, :])
+    return renumber_labels(r[:, None] * cols + c[None, :])
 
 
 def patch_superpixels(height: int, width: int, patch: int) -> np.ndarray:
@@ -169,7 +172,7 @@ def compute_superpixels(image_rgb: np.ndarray, cfg: SuperpixelConfig = Superpixe
 
         labels = slic(image_rgb, n_segments=n, compactness=cfg.slic_compactness, start_label=0,
                       channel_axis=-1)
-        return relabel_consecutive(labels)
+        return renumber_labels(labels)
     if method == "slic_torch":
         x = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)[None]
         return _slic_torch(x, n, cfg)[0].numpy()
@@ -187,7 +190,7 @@ def compute_superpixels(image_rgb: np.ndarray, cfg: SuperpixelConfig = Superpixe
     seeds = cv2.ximgproc.createSuperpixelSEEDS(
         w, h, 3, n, cfg.num_levels, cfg.prior, cfg.histogram_bins, cfg.double_step)
     seeds.iterate(lab, cfg.iterations)
-    return relabel_consecutive(seeds.getLabels())
+    return renumber_labels(seeds.getLabels())
 
 
 def released_segmenter_seeds_input(image_rgb: np.ndarray) -> np.ndarray:
@@ -197,7 +200,7 @@ def released_segmenter_seeds_input(image_rgb: np.ndarray) -> np.ndarray:
 
 
 def _slic_torch(images: torch.Tensor, n: int, cfg: SuperpixelConfig) -> torch.Tensor:
-    from .superpixels_torch import slic_torch
+    from .torch_slic import slic_torch
 
     return slic_torch(images, n, compactness=cfg.slic_compactness, iterations=cfg.slic_iterations)
 
