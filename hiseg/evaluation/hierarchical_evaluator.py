@@ -21,7 +21,6 @@ Measures (all in [0, 1]; VI in bits), see :mod:`hiseg.evaluation.bsds_metrics`:
 Per-image counts are computed in :meth:`process` (so they are spread over the workers) and
 gathered to the main process in :meth:`evaluate`.
 """
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 
+from ..utils.atomic_io import atomic_write_json
 from . import bsds_metrics as M
 from .distributed import gather_records
 from .registry import register_evaluator_factory
@@ -253,7 +253,6 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
         return results
 
     def _dump(self, records):
-        os.makedirs(self._output_dir, exist_ok=True)
         rows = []
         for r in records:
             row = {
@@ -266,11 +265,7 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
                 "region_f": {str(k): v[0] for k, v in r["region_f"].items()},
             }
             rows.append(row)
-        path = os.path.join(self._output_dir, "bsds_per_image.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f)
-        os.replace(tmp, path)
+        atomic_write_json(os.path.join(self._output_dir, "bsds_per_image.json"), rows)
 
 
 @register_evaluator_factory("bsds_hierarchical")

@@ -73,7 +73,7 @@ from detectron2.utils.file_io import PathManager
 
 from hiseg.compat import coco_evaluator_kwargs
 from hiseg.data.datasets.cls_agnostic import class_agnostic_coco
-from hiseg.data.datasets.common import atomic_write_json
+from hiseg.utils.atomic_io import atomic_write_json
 
 from .cluster_mapping import (
     MAPPING_METHODS,
