@@ -125,7 +125,7 @@ class CASTMoCo(nn.Module):
         """State-dict prefixes inference never reads (the training-only MoCo parts, and the
         backbone's dense outputs: CAST's fuse / out_norms, the ViT's pyramid; the hierarchy and
         the figure-ground mask come from the encoder's tokens): an evaluated checkpoint need not fill
-        them (``hiseg.checkpoint_io.check_part_filled``)."""
+        them (``hiseg.checkpoint.io.check_part_filled``)."""
         unused = ("projector.", "predictor.", "momentum_backbone.", "momentum_projector.")
         return unused + (("backbone.fuse.", "backbone.out_norms.") if self.is_cast else ("backbone.pyramid.",))
 

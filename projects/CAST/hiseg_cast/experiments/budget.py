@@ -307,7 +307,7 @@ def _resume_iteration(run_dir: str) -> int:
     tag = os.path.join(run_dir, "last_checkpoint")
     if not os.path.isfile(tag):
         return 0
-    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.checkpoint.io import read_checkpoint
 
     with open(tag) as f:
         name = f.read().strip()

@@ -359,7 +359,7 @@ def _entropy_stats(enc_out) -> Dict[str, list]:
 def _load_point_model(cfg, path: str):
     from detectron2.modeling import build_model
 
-    from hiseg.checkpoint_io import SafeDetectionCheckpointer
+    from hiseg.checkpoint.io import SafeDetectionCheckpointer
 
     model = build_model(cfg)
     SafeDetectionCheckpointer(model).load(path)

@@ -38,12 +38,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from hiseg.checkpoint_io import read_checkpoint
+from hiseg.checkpoint.io import read_checkpoint
+from hiseg.checkpoint.prefixes import find_vit_prefix
 from hiseg.errors import CheckpointError, UserError
-from hiseg.modeling.vit import find_vit_prefix
 from hiseg.paths import REPO_ROOT, repo_relative
-from hiseg.utils.atomic_io import atomic_write, atomic_write_json
 from hiseg.provenance import git_state, machine_description, read_json
+from hiseg.utils.atomic_io import atomic_write, atomic_write_json
 
 __all__ = [
     "oap_init_checkpoint", "branch_backbone_checkpoint", "student_curve",

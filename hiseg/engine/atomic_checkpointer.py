@@ -6,12 +6,12 @@ temporary file in the same folder, flushed to disk, and moved into place with ``
 (atomic on POSIX; :func:`hiseg.utils.atomic_io.atomic_write`), so ``last_checkpoint`` always
 names a complete file.
 
-Loading goes through :class:`hiseg.checkpoint_io.SafeDetectionCheckpointer`: no unrestricted
+Loading goes through :class:`hiseg.checkpoint.io.SafeDetectionCheckpointer`: no unrestricted
 unpickling, a one-line error for a file that is not a checkpoint or belongs to another model.
 Given the config (``cfg=``), loading also checks the config values a converted checkpoint stores
-(``hiseg.engine.weights_config``) and reports the model tensors such a file is not meant to hold
+(``hiseg.checkpoint.weights_config``) and reports the model tensors such a file is not meant to hold
 in one line, and checks that the part of the model a run uses was filled
-(:func:`hiseg.checkpoint_io.check_part_filled`: the backbone when fine-tuning from
+(:func:`hiseg.checkpoint.io.check_part_filled`: the backbone when fine-tuning from
 ``MODEL.WEIGHTS``, the whole model when evaluating or resuming).
 
 Saving never loses the last complete checkpoint: weights that are not finite (a diverged run)
@@ -28,10 +28,10 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint_io import SafeDetectionCheckpointer, check_part_filled
+from ..checkpoint.io import SafeDetectionCheckpointer, check_part_filled
+from ..checkpoint.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
 from ..errors import CheckpointError, OutputError, TrainingDivergedError
 from ..utils.atomic_io import atomic_write, temp_file_pattern
-from .weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
 
 __all__ = ["AtomicDetectionCheckpointer", "read_last_checkpoint", "remove_stale_temp_files"]
 
@@ -103,7 +103,7 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, cfg=None, evaluating: bool = False, **checkpointables):
         """``cfg``: check a converted checkpoint's stored config values against it;
         ``evaluating``: the weights are loaded to be evaluated, which makes the check of the
-        settings they were trained with strict (:func:`~hiseg.engine.weights_config.check_weights_config`)."""
+        settings they were trained with strict (:func:`~hiseg.checkpoint.weights_config.check_weights_config`)."""
         super().__init__(model, save_dir, **checkpointables)
         self._cfg = cfg
         self._evaluating = evaluating
