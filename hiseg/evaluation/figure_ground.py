@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.evaluation import DatasetEvaluator
 
+from ..image_io import read_image
 from ..modeling.attention_taps import tap_qkv
 from .distributed import gather_records
 from .registry import register_evaluator_factory
@@ -264,8 +265,7 @@ class FigureGroundEvaluator(DatasetEvaluator):
         if "sem_seg" in inp:
             return _to_numpy(inp["sem_seg"])
         if "sem_seg_file_name" in inp:
-            from PIL import Image
-            return np.asarray(Image.open(inp["sem_seg_file_name"]))
+            return read_image(inp["sem_seg_file_name"], format=None)  # the label map as stored
         raise KeyError("input has no 'sem_seg' / 'sem_seg_file_name' and no gt_loader was given")
 
     def process(self, inputs, outputs):
@@ -303,8 +303,6 @@ def figure_ground_factory(cfg, name, out):
     """Evaluator factory of ``evaluator_type="figure_ground"`` (CAST Table 5): IoU of the model's
     ``"figure_ground"`` mask with the true foreground, scored on the dataset's original label
     maps (the test mapper's ``"sem_seg"`` is resized)."""
-    from PIL import Image
-
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(name) if "sem_seg_file_name" in d}
@@ -312,8 +310,7 @@ def figure_ground_factory(cfg, name, out):
     def gt_loader(inp):
         path = gt_files.get(inp.get("file_name")) or inp.get("sem_seg_file_name")
         if path:
-            with Image.open(path) as im:
-                return np.asarray(im)
+            return read_image(path, format=None)  # the label map as stored
         if "sem_seg" in inp:
             return inp["sem_seg"]
         raise ValueError(f"figure_ground: no label map for {inp.get('file_name')!r} in dataset {name!r}")
