@@ -491,8 +491,8 @@ def test_resize_and_level_choice():
     from hiseg.evaluation.hierarchical_evaluator import (
         _nearest_level,
         hierarchy_as_arrays,
-        resize_nearest,
     )
+    from hiseg.evaluation.label_maps import resize_nearest
 
     small = np.array([[1, 2], [3, 4]])
     big = resize_nearest(small, (4, 6))

@@ -41,6 +41,7 @@ from detectron2.evaluation import DatasetEvaluator
 from ..image_io import read_image
 from ..modeling.attention_taps import tap_qkv
 from .distributed import gather_records
+from .label_maps import to_numpy
 from .registry import register_evaluator_factory
 
 __all__ = [
@@ -222,12 +223,6 @@ def voc_foreground(label_map: np.ndarray, ignore_label: int = 255):
     return (lab > 0) & considered, considered
 
 
-def _to_numpy(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _resize_nearest(mask: np.ndarray, shape) -> np.ndarray:
     if mask.shape == tuple(shape):
         return mask
@@ -261,9 +256,9 @@ class FigureGroundEvaluator(DatasetEvaluator):
 
     def _ground_truth(self, inp: dict) -> np.ndarray:
         if self._gt_loader is not None:
-            return _to_numpy(self._gt_loader(inp))
+            return to_numpy(self._gt_loader(inp))
         if "sem_seg" in inp:
-            return _to_numpy(inp["sem_seg"])
+            return to_numpy(inp["sem_seg"])
         if "sem_seg_file_name" in inp:
             return read_image(inp["sem_seg_file_name"], format=None)  # the label map as stored
         raise KeyError("input has no 'sem_seg' / 'sem_seg_file_name' and no gt_loader was given")
@@ -272,7 +267,7 @@ class FigureGroundEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             gt = self._ground_truth(inp)
             fg, considered = voc_foreground(gt, self._ignore)
-            pred = _to_numpy(out["figure_ground"]).astype(bool)
+            pred = to_numpy(out["figure_ground"]).astype(bool)
             if pred.ndim != 2:
                 raise ValueError(f"figure_ground must be (H, W), got shape {pred.shape}")
             pred = _resize_nearest(pred, fg.shape) & considered
