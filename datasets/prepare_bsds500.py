@@ -34,7 +34,7 @@ from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.bsds500 import SPLITS, load_bsds_ground_truth_mat  # noqa: E402
 from hiseg.dataset_checks import reading, require_input  # noqa: E402
 from hiseg.errors import EmptyDatasetError, InputError  # noqa: E402
-from hiseg.data.datasets.common import atomic_write  # noqa: E402
+from hiseg.utils.atomic_io import atomic_write  # noqa: E402
 from hiseg.paths import datasets_root  # noqa: E402
 
 

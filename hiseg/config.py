@@ -44,7 +44,7 @@ def add_hiseg_config(cfg):
     cfg.HISEG = CN()
     cfg.HISEG.VIS_PERIOD = 0
     # converted checkpoints store the settings their weights were trained with
-    # (hiseg.engine.weights_config): "strict" = evaluating with other settings fails, "warn" =
+    # (hiseg.checkpoint.weights_config): "strict" = evaluating with other settings fails, "warn" =
     # only warn (to evaluate them with other settings on purpose). Training from them only warns.
     cfg.HISEG.WEIGHTS_CONFIG_CHECK = "strict"
     return cfg

@@ -226,16 +226,15 @@ def save_label_maps(prefix: str, levels: Sequence[np.ndarray], image: Optional[n
 
 
 def load_label_maps(path: str) -> np.ndarray:
-    """Levels (L+1, H, W) int from an NPZ or a 16-bit PNG written by :func:`save_label_maps`."""
+    """Levels (L+1, H, W) int from an NPZ or a 16-bit PNG written by :func:`save_label_maps`
+    (read by :func:`hiseg.image_io.read_image` as stored: a missing or damaged PNG is an
+    ``InputError`` naming it)."""
     if path.endswith(".npz"):
         with np.load(path) as z:
             return z["levels"]
-    import cv2
+    from .image_io import read_image
 
-    lab = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if lab is None:
-        raise OSError(f"could not read {path}")
-    return (lab.astype(np.int32) - 1)[None]
+    return (read_image(path, format=None).astype(np.int32) - 1)[None]
 
 
 def is_nested(levels: Sequence[np.ndarray]) -> bool:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from expectations import load_script, registered_dataset
-from hiseg.checkpoint_io import SafeDetectionCheckpointer, read_checkpoint
+from hiseg.checkpoint.io import SafeDetectionCheckpointer, read_checkpoint
 from hiseg.cli import merge_config, one_line, run_cli
 from hiseg.errors import CheckpointError, ConfigError, DatasetNotFoundError, EmptyDatasetError, InputError
 from hiseg.image_io import ImageCheckingMapper, read_image, verify_image

@@ -427,7 +427,7 @@ def test_bsds_missing_files_and_npz(shared_data, tmp_path):
             segs_mat, b_mat = bsds500.load_bsds_ground_truth_mat(d["bsds_gt_file"])
             for a, b in zip(segs_npz + b_npz, segs_mat + b_mat):
                 np.testing.assert_array_equal(a, b)
-        assert not list((tmp_path / "bsds500").rglob("*.tmp"))  # atomic writes leave nothing
+        assert not list((tmp_path / "bsds500").rglob(".tmp-*"))  # atomic writes leave nothing
         assert prepare.main(["--root", str(tmp_path), "--splits", "val"]) == 0  # nothing to do
     finally:
         bsds500.register_bsds500(orig_root, overwrite=True)
@@ -502,8 +502,8 @@ def test_resize_and_level_choice():
     from hiseg.evaluation.hierarchical_evaluator import (
         _nearest_level,
         hierarchy_as_arrays,
-        resize_nearest,
     )
+    from hiseg.evaluation.label_maps import resize_nearest
 
     small = np.array([[1, 2], [3, 4]])
     big = resize_nearest(small, (4, 6))

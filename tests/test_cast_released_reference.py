@@ -438,8 +438,8 @@ def _eval_only(tmp_path, weights, *opts):
 
 
 def test_converter_prints_and_stores_the_values_the_weights_need(tmp_path, capsys):
-    from hiseg.checkpoint_io import read_checkpoint
-    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY
+    from hiseg.checkpoint.io import read_checkpoint
+    from hiseg.checkpoint.weights_config import WEIGHTS_CONFIG_KEY
 
     dst, out = _convert_tiny(tmp_path, capsys)
     assert "MODEL.CAST.TOKEN_POOL_MODE: nearest" in out and "MODEL.CAST.EMPTY_TOKENS: attend" in out
@@ -490,6 +490,6 @@ def test_expected_missing_keys_are_one_line(tmp_path, capsys, caplog):
 
 
 def read_cls(path):
-    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.checkpoint.io import read_checkpoint
 
     return read_checkpoint(str(path))["model"]["backbone.encoder.cls_token"]

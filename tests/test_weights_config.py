@@ -1,11 +1,11 @@
-"""Config values stored in converted checkpoints (hiseg.engine.weights_config)."""
+"""Config values stored in converted checkpoints (hiseg.checkpoint.weights_config)."""
 import logging
 
 import pytest
 from detectron2.config import get_cfg
 
-from hiseg.engine.weights_config import (WeightsConfigError, check_weights_config, config_value,
-                                         summarize_expected_missing, weights_config_mismatches)
+from hiseg.checkpoint.weights_config import (WeightsConfigError, check_weights_config, config_value,
+                                             summarize_expected_missing, weights_config_mismatches)
 from helpers import add_all_configs
 
 META = {"source": "official CAST MoCo-v3 weights (cast-moco)",

@@ -143,9 +143,9 @@ def _encoder_state_dict(state):
 def load_encoder_weights(encoder, weights: str, cfg=None):
     """Load ``weights`` into the encoder (hiseg's safe DetectionCheckpointer); returns
     (matched, total). With ``cfg``, the config values a converted checkpoint stores are checked
-    as for evaluation (``hiseg.engine.weights_config``): the demo shows the released model."""
-    from hiseg.checkpoint_io import SafeDetectionCheckpointer
-    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config
+    as for evaluation (``hiseg.checkpoint.weights_config``): the demo shows the released model."""
+    from hiseg.checkpoint.io import SafeDetectionCheckpointer
+    from hiseg.checkpoint.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config
 
     class _EncoderCheckpointer(SafeDetectionCheckpointer):
         matched = 0
@@ -201,7 +201,7 @@ def build_oap_model(cfg, device: str):
     import torch
     from detectron2.modeling import build_model as d2_build_model
 
-    from hiseg.checkpoint_io import SafeDetectionCheckpointer
+    from hiseg.checkpoint.io import SafeDetectionCheckpointer
 
     model = d2_build_model(cfg.clone()).to(torch.device(device))
     if cfg.MODEL.WEIGHTS:

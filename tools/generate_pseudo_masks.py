@@ -248,9 +248,9 @@ class ViTKeySource:
 
 def _vit_state_dict_from_detectron2(obj) -> Optional[dict]:
     """The ViT weights of a detectron2 checkpoint (``{"model": {"backbone.vit.*": ...}}``), with
-    the prefix up to ``vit.`` removed (:func:`hiseg.modeling.vit.find_vit_prefix`: the online
+    the prefix up to ``vit.`` removed (:func:`hiseg.checkpoint.prefixes.find_vit_prefix`: the online
     encoder of a MoCo checkpoint, the student of an OAP one); None if the file is not one."""
-    from hiseg.modeling.vit import find_vit_prefix
+    from hiseg.checkpoint.prefixes import find_vit_prefix
 
     inner = obj.get("model") if isinstance(obj, Mapping) else None
     if not isinstance(inner, Mapping) or not all(isinstance(k, str) for k in inner):
@@ -284,7 +284,7 @@ def load_vit(args):
     from hiseg_cast.checkpoint import (
         CheckpointConversionError, convert_checkpoint, convert_vit_state_dict,
     )
-    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.checkpoint.io import read_checkpoint
     from hiseg.errors import CheckpointError
 
     try:
@@ -332,7 +332,7 @@ class Detectron2FeatureSource:
         from detectron2.config import get_cfg
         from detectron2.modeling import build_backbone
 
-        from hiseg.checkpoint_io import SafeDetectionCheckpointer
+        from hiseg.checkpoint.io import SafeDetectionCheckpointer
         from hiseg.cli import merge_config
         from hiseg_cast import add_cast_config
         from hiseg_oap import add_oap_config

@@ -22,7 +22,7 @@ from ..cli import check_device, check_output_dir
 from ..dataset_checks import check_datasets
 from ..errors import ConfigError
 from .accumulation import check_accumulation
-from .checkpoint import read_last_checkpoint
+from .atomic_checkpointer import read_last_checkpoint
 
 __all__ = ["check_run"]
 

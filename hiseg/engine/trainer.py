@@ -28,7 +28,7 @@ from ..errors import TrainingDivergedError
 from ..evaluation.registry import build_evaluators
 from ..image_io import ImageCheckingMapper
 from .accumulation import build_step_trainer, check_accumulation, check_model_accumulation, micro_batch_cfg
-from .checkpoint import AtomicDetectionCheckpointer
+from .atomic_checkpointer import AtomicDetectionCheckpointer
 from .optim import build_hiseg_lr_scheduler, build_hiseg_optimizer
 
 __all__ = ["HisegTrainer", "create_ddp_model", "distributed_timeout"]

@@ -19,9 +19,10 @@ boundary benchmark (:mod:`hiseg.evaluation.bsds`; Martin et al. 2004, Arbelaez e
    predicted) / sum(predicted)``, ``F = 2PR / (P + R)`` (as the benchmark's ODS at a single
    threshold). The mean of the per-image F-scores is reported too.
 
-Ground truth per input, in this order: the ``sem_seg_file_name`` of the input's ``file_name`` in
-the dataset (read at the original resolution, as detectron2's ``SemSegEvaluator``), else the
-input's ``"sem_seg"`` tensor (resized to the prediction, nearest, when sizes differ).
+Ground truth per input, in this order (:class:`~hiseg.evaluation.label_maps.SemSegGroundTruth`):
+the ``sem_seg_file_name`` of the input's ``file_name`` in the dataset (read at the original
+resolution, as detectron2's ``SemSegEvaluator``), else the input's ``"sem_seg"`` tensor (resized
+to the prediction, nearest, when sizes differ).
 
 Per-image counts are computed in :meth:`process` and gathered with ``comm.gather``.
 """
@@ -29,7 +30,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
@@ -37,46 +38,12 @@ from scipy import ndimage
 
 from . import bsds as M
 from .distributed import gather_records
-from .hierarchical_evaluator import resize_nearest
+from .label_maps import SemSegGroundTruth, resize_nearest, to_numpy
 from .registry import register_evaluator_factory
 
-__all__ = ["BoundaryFScoreEvaluator", "semantic_boundary_counts", "fill_ignored", "SemSegGroundTruth",
-           "boundary_fscore_factory"]
+__all__ = ["BoundaryFScoreEvaluator", "semantic_boundary_counts", "fill_ignored", "boundary_fscore_factory"]
 
 logger = logging.getLogger(__name__)
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-class SemSegGroundTruth:
-    """Ground-truth label maps for evaluator inputs (see the module docstring)."""
-
-    def __init__(self, dataset_name: Optional[str]):
-        self.file_to_gt: Dict[str, str] = {}
-        self.meta = None
-        if dataset_name is not None:
-            from detectron2.data import DatasetCatalog, MetadataCatalog
-
-            self.file_to_gt = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(dataset_name)
-                               if "sem_seg_file_name" in d}
-            self.meta = MetadataCatalog.get(dataset_name)
-
-    def __call__(self, inp: dict, shape: Tuple[int, int]) -> np.ndarray:
-        f = inp.get("file_name")
-        if f is not None and f in self.file_to_gt:
-            from detectron2.utils.file_io import PathManager
-            from PIL import Image
-
-            with PathManager.open(self.file_to_gt[f], "rb") as fh:
-                return np.array(Image.open(fh), dtype=np.int64)
-        if "sem_seg" in inp:
-            return resize_nearest(_to_numpy(inp["sem_seg"]).astype(np.int64), shape)
-        raise KeyError("no ground truth: the input has neither a file_name of the dataset (with "
-                       "sem_seg_file_name) nor a 'sem_seg' tensor")
 
 
 def fill_ignored(gt: np.ndarray, ignore_label: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -158,7 +125,7 @@ class BoundaryFScoreEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             sem = out["sem_seg"] if isinstance(out, dict) else out
-            sem = _to_numpy(sem)
+            sem = to_numpy(sem)
             pred = sem.argmax(axis=0) if sem.ndim == 3 else sem
             pred = pred.astype(np.int64)
             gt = self._gt(inp, pred.shape)

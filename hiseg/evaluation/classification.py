@@ -14,7 +14,6 @@ lower index ranks first), so results are deterministic.
 Per image only the label and the indices of the ``max(topk)`` best classes are kept, so the
 memory per image is tiny; :meth:`evaluate` gathers them from all workers with ``comm.gather``.
 """
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
 
+from ..utils.atomic_io import atomic_write_json
 from .distributed import gather_records
 from .registry import register_evaluator_factory
 
@@ -125,12 +125,8 @@ class ClassificationEvaluator(DatasetEvaluator):
         return results
 
     def _dump(self, records):
-        os.makedirs(self._output_dir, exist_ok=True)
-        path = os.path.join(self._output_dir, "classification_predictions.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([{k: r[k] for k in ("image_id", "label", "pred")} for r in records], f)
-        os.replace(tmp, path)
+        atomic_write_json(os.path.join(self._output_dir, "classification_predictions.json"),
+                          [{k: r[k] for k in ("image_id", "label", "pred")} for r in records])
 
 
 @register_evaluator_factory("classification")

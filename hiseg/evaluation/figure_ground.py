@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from detectron2.evaluation import DatasetEvaluator
 
+from ..image_io import read_image
 from .distributed import gather_records
+from .label_maps import to_numpy
 from .registry import register_evaluator_factory
 
 __all__ = [
@@ -139,12 +141,6 @@ def voc_foreground(label_map: np.ndarray, ignore_label: int = 255):
     return (lab > 0) & considered, considered
 
 
-def _to_numpy(x) -> np.ndarray:
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _resize_nearest(mask: np.ndarray, shape) -> np.ndarray:
     if mask.shape == tuple(shape):
         return mask
@@ -178,19 +174,18 @@ class FigureGroundEvaluator(DatasetEvaluator):
 
     def _ground_truth(self, inp: dict) -> np.ndarray:
         if self._gt_loader is not None:
-            return _to_numpy(self._gt_loader(inp))
+            return to_numpy(self._gt_loader(inp))
         if "sem_seg" in inp:
-            return _to_numpy(inp["sem_seg"])
+            return to_numpy(inp["sem_seg"])
         if "sem_seg_file_name" in inp:
-            from PIL import Image
-            return np.asarray(Image.open(inp["sem_seg_file_name"]))
+            return read_image(inp["sem_seg_file_name"], format=None)  # the label map as stored
         raise KeyError("input has no 'sem_seg' / 'sem_seg_file_name' and no gt_loader was given")
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             gt = self._ground_truth(inp)
             fg, considered = voc_foreground(gt, self._ignore)
-            pred = _to_numpy(out["figure_ground"]).astype(bool)
+            pred = to_numpy(out["figure_ground"]).astype(bool)
             if pred.ndim != 2:
                 raise ValueError(f"figure_ground must be (H, W), got shape {pred.shape}")
             pred = _resize_nearest(pred, fg.shape) & considered
@@ -221,8 +216,6 @@ def figure_ground_factory(cfg, name, out):
     """Evaluator factory of ``evaluator_type="figure_ground"`` (CAST Table 5): IoU of the model's
     ``"figure_ground"`` mask with the true foreground, scored on the dataset's original label
     maps (the test mapper's ``"sem_seg"`` is resized)."""
-    from PIL import Image
-
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     gt_files = {d["file_name"]: d["sem_seg_file_name"] for d in DatasetCatalog.get(name) if "sem_seg_file_name" in d}
@@ -230,8 +223,7 @@ def figure_ground_factory(cfg, name, out):
     def gt_loader(inp):
         path = gt_files.get(inp.get("file_name")) or inp.get("sem_seg_file_name")
         if path:
-            with Image.open(path) as im:
-                return np.asarray(im)
+            return read_image(path, format=None)  # the label map as stored
         if "sem_seg" in inp:
             return inp["sem_seg"]
         raise ValueError(f"figure_ground: no label map for {inp.get('file_name')!r} in dataset {name!r}")

@@ -21,7 +21,6 @@ Measures (all in [0, 1]; VI in bits), see :mod:`hiseg.evaluation.bsds`:
 Per-image counts are computed in :meth:`process` (so they are spread over the workers) and
 gathered to the main process in :meth:`evaluate`.
 """
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -30,11 +29,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 
+from ..utils.atomic_io import atomic_write_json
 from . import bsds as M
 from .distributed import gather_records
+from .label_maps import resize_nearest, to_numpy
 from .registry import register_evaluator_factory
 
-__all__ = ["HierarchicalSegEvaluator", "hierarchy_as_arrays", "resize_nearest", "bsds_hierarchical_factory"]
+__all__ = ["HierarchicalSegEvaluator", "hierarchy_as_arrays", "bsds_hierarchical_factory"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,10 @@ _REGION_KEYS = (
 )  # fmt: skip
 
 
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def hierarchy_as_arrays(hierarchy) -> List[np.ndarray]:
     """The levels of a hierarchy as 2-D integer numpy arrays."""
     if hasattr(hierarchy, "detach") or isinstance(hierarchy, np.ndarray):
-        arr = _to_numpy(hierarchy)
+        arr = to_numpy(hierarchy)
         if arr.ndim == 2:
             levels = [arr]
         elif arr.ndim == 3:
@@ -60,7 +55,7 @@ def hierarchy_as_arrays(hierarchy) -> List[np.ndarray]:
         else:
             raise ValueError(f"hierarchy must be (L, H, W) or (H, W), got shape {arr.shape}")
     else:
-        levels = [_to_numpy(level) for level in hierarchy]
+        levels = [to_numpy(level) for level in hierarchy]
     if not levels:
         raise ValueError("empty hierarchy")
     out = []
@@ -72,17 +67,6 @@ def hierarchy_as_arrays(hierarchy) -> List[np.ndarray]:
                 raise ValueError("label maps must hold integer labels")
         out.append(level.astype(np.int64, copy=False))
     return out
-
-
-def resize_nearest(label_map: np.ndarray, shape) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to ``shape`` (pixel centres aligned)."""
-    h, w = label_map.shape
-    H, W = shape
-    if (h, w) == (H, W):
-        return label_map
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
-    return label_map[np.ix_(rows, cols)]
 
 
 def _nearest_level(num_regions: Sequence[int], target: int) -> int:
@@ -210,7 +194,7 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
             levels = hierarchy_as_arrays(out["hierarchy"])
             gt_segs, gt_bdrys = load_bsds_ground_truth(self._gt_file(inp))
             pb = out.get("boundaries", None)
-            pb = None if pb is None else _to_numpy(pb)
+            pb = None if pb is None else to_numpy(pb)
             rec = self.evaluate_image(levels, gt_segs, gt_bdrys, pb=pb)
             rec["image_id"] = str(inp.get("image_id", len(self._records)))
             self._records.append(rec)
@@ -253,7 +237,6 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
         return results
 
     def _dump(self, records):
-        os.makedirs(self._output_dir, exist_ok=True)
         rows = []
         for r in records:
             row = {
@@ -266,11 +249,7 @@ class HierarchicalSegEvaluator(DatasetEvaluator):
                 "region_f": {str(k): v[0] for k, v in r["region_f"].items()},
             }
             rows.append(row)
-        path = os.path.join(self._output_dir, "bsds_per_image.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f)
-        os.replace(tmp, path)
+        atomic_write_json(os.path.join(self._output_dir, "bsds_per_image.json"), rows)
 
 
 @register_evaluator_factory("bsds_hierarchical")

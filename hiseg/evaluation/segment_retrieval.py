@@ -36,9 +36,8 @@ import numpy as np
 import torch
 from detectron2.evaluation import DatasetEvaluator
 
-from .boundary_fscore import SemSegGroundTruth, _to_numpy
-from .hierarchical_evaluator import resize_nearest
 from .distributed import gather_records
+from .label_maps import SemSegGroundTruth, resize_nearest, to_numpy
 
 __all__ = ["SegmentRetrievalEvaluator", "retrieve_labels", "collect_reference"]
 
@@ -130,8 +129,8 @@ class SegmentRetrievalEvaluator(DatasetEvaluator):
             inputs, outputs = outputs, inputs  # accept (outputs, inputs) too
         recs = []
         for inp, out in zip(inputs, outputs):
-            seg = _to_numpy(out["segments"]).astype(np.int64)
-            feats = _to_numpy(out["segment_features"]).astype(np.float32)
+            seg = to_numpy(out["segments"]).astype(np.int64)
+            feats = to_numpy(out["segment_features"]).astype(np.float32)
             if seg.ndim != 2 or feats.ndim != 2:
                 raise ValueError("expected 'segments' (H, W) and 'segment_features' (K, D)")
             k = feats.shape[0]

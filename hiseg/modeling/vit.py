@@ -26,7 +26,7 @@
 * ``activation_checkpointing=True`` (``MODEL.VIT.ACTIVATION_CHECKPOINTING``) recomputes each
   block's activations in the backward pass instead of keeping them (timm's
   ``set_grad_checkpointing`` flag, honoured by :meth:`ViTBackbone.forward_tokens`; see
-  :mod:`hiseg.modeling.checkpointing`).
+  :mod:`hiseg.modeling.activation_checkpointing`).
 """
 import math
 from functools import partial
@@ -42,13 +42,13 @@ from torch import nn
 
 from hiseg.compat import shape_spec
 
+from .activation_checkpointing import maybe_checkpoint
 from .attention_taps import class_attention_from_qkv, split_qkv, tap_qkv
-from .checkpointing import maybe_checkpoint
 
 __all__ = [
     "vit_kwargs_from_cfg",
     "ChannelLayerNorm", "SimpleFeaturePyramid", "ViTBackbone", "build_vit_backbone",
-    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "find_vit_prefix", "run_vit_blocks",
+    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "run_vit_blocks",
 ]
 
 
@@ -135,17 +135,6 @@ class SimpleFeaturePyramid(nn.Module):
                 size = tuple(-(-int(s) // self.base_stride) for s in image_size)
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return {name: self.stages[name](x) for name in self.out_features}
-
-
-def find_vit_prefix(state_dict, preferred: Sequence[str] = ("backbone.vit.", "student.backbone.vit.")) -> Optional[str]:
-    """The key prefix under which a state dict holds a timm ViT (``<prefix>patch_embed.proj.weight``):
-    the first of ``preferred`` present, else the shortest found (ties: alphabetical), else None.
-    A MoCo checkpoint also holds ``momentum_backbone.vit.`` and an OAP one ``teacher.backbone.vit.``;
-    the online encoder / the student is the one ``preferred`` picks."""
-    end = "patch_embed.proj.weight"
-    found = sorted({k[: -len(end)] for k in state_dict if isinstance(k, str) and k.endswith(end)},
-                   key=lambda p: (len(p), p))
-    return next((p for p in preferred if p in found), found[0] if found else None)
 
 
 def make_timm_vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, mlp_ratio: float = 4.0,
@@ -322,7 +311,7 @@ class ViTBackbone(Backbone):
 
 def run_vit_blocks(blocks, tokens: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
     """``tokens`` through the timm blocks in order, each through ``torch.utils.checkpoint`` when
-    ``checkpointed`` and gradients are recorded (``hiseg.modeling.checkpointing``)."""
+    ``checkpointed`` and gradients are recorded (``hiseg.modeling.activation_checkpointing``)."""
     for blk in blocks:
         tokens = maybe_checkpoint(blk, tokens, enabled=checkpointed)
     return tokens

@@ -10,15 +10,14 @@ Conventions
 * Loaders check their inputs before reading and raise ``FileNotFoundError`` whose message holds
   the expected path and the prepare script to run (see ``datasets/README.md``).
 """
-import contextlib
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from hiseg.utils.atomic_io import atomic_save_png
 
 __all__ = [
     "README_HINT",
@@ -30,9 +29,6 @@ __all__ = [
     "read_split_file",
     "sem_seg_dicts_from_ids",
     "sem_seg_dicts_from_gt_dir",
-    "atomic_write",
-    "atomic_write_json",
-    "atomic_save_png",
 ]
 
 README_HINT = "see datasets/README.md"
@@ -153,51 +149,9 @@ def sem_seg_dicts_from_gt_dir(
     )
 
 
-# ---- atomic writes, for the datasets/prepare_*.py scripts -------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open a temporary file next to ``path``; it replaces ``path`` only if the block succeeds.
-
-    Readers never see a half-written file and an interrupted run leaves no partial output.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    prefix = "." + os.path.basename(path) + "."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path, obj, indent=None) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=indent)
-
-
-def atomic_save_png(path, array) -> None:
-    """Save a 2-D uint8 label map as an 8-bit grayscale PNG (mode ``L``)."""
-    from PIL import Image
-
-    array = np.asarray(array)
-    if array.ndim != 2 or array.dtype != np.uint8:
-        raise ValueError(f"expected a 2-D uint8 label map, got {array.dtype} {array.shape}")
-    image = Image.fromarray(array)  # 2-D uint8 -> mode "L"
-    with atomic_write(path, "wb") as f:
-        image.save(f, format="PNG")
-
-
 def convert_label_maps(items, convert: Callable, skipped, overwrite: bool = False, desc: str = "") -> int:
     """For each ``(name, source, output)``: read the source label map, write ``convert(label)`` to
-    ``output`` (:func:`atomic_save_png`). An existing output is kept unless ``overwrite``; an
+    ``output`` (:func:`hiseg.utils.atomic_io.atomic_save_png`). An existing output is kept unless ``overwrite``; an
     unreadable source is reported and counted by ``skipped`` (:class:`hiseg.cli.Skipped`).
     Returns how many outputs exist afterwards."""
     from tqdm import tqdm

@@ -41,7 +41,8 @@ from typing import Iterable, List, Optional, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .cls_agnostic import FG_CATEGORY, class_agnostic_coco, load_as_one_class
-from .common import atomic_write_json, missing, register_lazy
+from ...utils.atomic_io import atomic_write_json
+from .common import missing, register_lazy
 
 __all__ = ["KINDS", "IMAGE_EXTS", "parse_user_dataset", "register_user_datasets", "load_image_folder",
            "load_user_coco", "collapsed_json_dir", "required_paths"]

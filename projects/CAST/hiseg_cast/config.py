@@ -70,7 +70,7 @@ def _add_backbone_keys(cfg):
     c.POS_ROW_FIRST = True  # released weights: first half of the channels encodes the row
     c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # recompute each ViT block's activations in the backward pass instead of storing them (less
-    # GPU memory, ~30% more step time; same loss and gradients): hiseg.modeling.checkpointing
+    # GPU memory, ~30% more step time; same loss and gradients): hiseg.modeling.activation_checkpointing
     c.ACTIVATION_CHECKPOINTING = False
     c.FROZEN_STEM_CONV1 = False  # MoCo-v3 --stop-grad-conv1
     # True when only the dense outputs res2..res5 feed a loss (a detectron2 head on

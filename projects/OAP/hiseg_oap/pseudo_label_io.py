@@ -386,7 +386,7 @@ def validate_results(results: Sequence[Mapping], image_sizes: Optional[Mapping] 
 def atomic_write_json(path: str, obj) -> str:
     """Write JSON to a temporary file next to ``path`` and move it into place (a reader never
     sees a partial file; an interrupted run leaves none). Returns ``path``."""
-    from hiseg.data.datasets.common import atomic_write_json as write
+    from hiseg.utils.atomic_io import atomic_write_json as write
 
     write(path, obj)
     return os.fspath(path)

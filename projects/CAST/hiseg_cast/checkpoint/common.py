@@ -62,7 +62,7 @@ class ConversionResult:
     with (for the released CAST models: nearest token pooling, empty tokens attended, 12 heads,
     kappa 5); other values give another function than the released one. Both are stored in the
     Detectron2 checkpoint (:func:`to_detectron2_checkpoint`) and checked when it is loaded
-    (``hiseg.engine.weights_config``). ``messages``: what was dropped / checked."""
+    (``hiseg.checkpoint.weights_config``). ``messages``: what was dropped / checked."""
 
     state_dict: "OrderedDict[str, torch.Tensor]"
     model: str
@@ -92,12 +92,6 @@ def _first_keys(obj: Any, n: int = 8) -> str:
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _strip_common_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 def _count_indices(keys, pattern) -> int:

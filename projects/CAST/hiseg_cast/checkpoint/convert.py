@@ -5,6 +5,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from hiseg.checkpoint.prefixes import as_prefix, find_module_prefix
+
 from .cast_weights import convert_cast_state_dict
 from .common import (DEFAULT_PREFIX, FORMATS, MODELS, CheckpointConversionError, ConversionResult, Part,
                      _FORMAT_MODEL, _compare)
@@ -45,7 +47,7 @@ def convert_checkpoint(src: Union[str, Mapping], fmt: str = "auto", model: Optio
 
 def describe_needed_config(result: ConversionResult) -> str:
     """The converter's report of the config values the weights need (stored in the output)."""
-    from hiseg.engine.weights_config import command_line_overrides
+    from hiseg.checkpoint.weights_config import command_line_overrides
 
     out = ["config values these weights need (stored in the output; loading them into a config with "
            "other values fails):"]
@@ -62,8 +64,7 @@ def describe_needed_config(result: ConversionResult) -> str:
 
 
 def add_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> "OrderedDict[str, torch.Tensor]":
-    if prefix and not prefix.endswith("."):
-        prefix += "."
+    prefix = as_prefix(prefix)
     return OrderedDict((prefix + k, v.detach().clone().contiguous()) for k, v in sd.items())
 
 
@@ -72,13 +73,13 @@ def to_detectron2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.
                              parts: Optional[Mapping[str, Part]] = None) -> Dict[str, Any]:
     """``{"model": prefixed state dict, "__author__": ..., "matching_heuristics": False}`` and,
     for a :class:`ConversionResult`, the config values the weights need under
-    ``hiseg.engine.weights_config.WEIGHTS_CONFIG_KEY`` (checked when the file is loaded).
+    ``hiseg.checkpoint.weights_config.WEIGHTS_CONFIG_KEY`` (checked when the file is loaded).
     ``prefix`` defaults to ``DEFAULT_PREFIX[result.model]`` (a bare state dict: CAST's).
     ``parts``: which of ``result.parts`` to write (default: all; :func:`parts_for_model` picks
     those a built model has), each under :func:`part_prefix`; their config values are required
     too. The encoder tensors the file lacks on purpose (``result.not_held``) are stored, prefixed,
     as ``not_held``: loading reports them as expected."""
-    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY
+    from hiseg.checkpoint.weights_config import WEIGHTS_CONFIG_KEY
 
     if isinstance(result, ConversionResult):
         sd, model, fmt = result.state_dict, result.model, result.format
@@ -86,8 +87,7 @@ def to_detectron2_checkpoint(result: Union[ConversionResult, Mapping[str, torch.
         sd, model, fmt = result, "cast", "state dict"
     if prefix is None:
         prefix = DEFAULT_PREFIX[model]
-    if prefix and not prefix.endswith("."):
-        prefix += "."
+    prefix = as_prefix(prefix)
     data = {"model": add_prefix(sd, prefix),
             "__author__": author or f"hiseg convert_cast_checkpoint ({fmt})",
             "matching_heuristics": False}
@@ -108,8 +108,7 @@ def parts_for_model(result: ConversionResult, model: torch.nn.Module, prefix: st
                     ) -> Tuple[Dict[str, Part], List[str]]:
     """The parts of ``result`` that ``model`` has (same keys and shapes), and one line for each
     part left out (e.g. DeiT's classifier when converting for a segmentation config)."""
-    if prefix and not prefix.endswith("."):
-        prefix += "."
+    prefix = as_prefix(prefix)
     return fit_parts(result.parts, model.state_dict(), prefix)
 
 
@@ -133,9 +132,9 @@ def find_prefix(model: torch.nn.Module, kind: str) -> str:
         from timm.models.vision_transformer import VisionTransformer as target
     else:
         raise CheckpointConversionError(f"unknown model {kind!r}; choose from {MODELS}")
-    for name, module in model.named_modules():
-        if isinstance(module, target):
-            return name + "." if name else ""
+    prefix = find_module_prefix(model, target)
+    if prefix is not None:
+        return prefix
     raise CheckpointConversionError(f"the model holds no {target.__name__} (is its backbone a {kind} backbone?)")
 
 
@@ -143,14 +142,13 @@ def verify_against_model(model: torch.nn.Module, state_dict: Mapping[str, Any], 
     """Check a prefixed state dict (or a whole :func:`to_detectron2_checkpoint` dict) against a
     built model: every key must exist with the same shape, and every model tensor under
     ``prefix`` must be provided, except those the file lacks on purpose (``not_held``)."""
-    from hiseg.engine.weights_config import WEIGHTS_CONFIG_KEY
+    from hiseg.checkpoint.weights_config import WEIGHTS_CONFIG_KEY
 
     not_held = ()
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         not_held = tuple((state_dict.get(WEIGHTS_CONFIG_KEY) or {}).get("not_held", ()))
         state_dict = state_dict["model"]
-    if prefix and not prefix.endswith("."):
-        prefix += "."
+    prefix = as_prefix(prefix)
     model_sd = model.state_dict()
     expected = {k: v for k, v in model_sd.items() if k.startswith(prefix) and k not in not_held}
     if not expected:

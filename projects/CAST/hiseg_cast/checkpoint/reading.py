@@ -4,19 +4,20 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .common import (_MOCO_PREFIXES, FORMATS, CheckpointConversionError, _first_keys, _is_state_dict,
-                     _strip_common_prefix)
+from hiseg.checkpoint.prefixes import first_prefix_present, strip_common_prefix, strip_prefix
+
+from .common import _MOCO_PREFIXES, FORMATS, CheckpointConversionError, _first_keys, _is_state_dict
 
 
 # ----------------------------------------------------------------------------------------------
 # reading
 def load_checkpoint_file(path: str) -> Any:
     """Load a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.pkl`` / ``.safetensors`` file with
-    :func:`hiseg.checkpoint_io.read_checkpoint`: ``weights_only`` unpickling with only
+    :func:`hiseg.checkpoint.io.read_checkpoint`: ``weights_only`` unpickling with only
     ``argparse.Namespace`` allowed besides torch's defaults (NumPy arrays for plain pickles); a
     file that is not a checkpoint, truncated or damaged is named in one line, and
     ``weights_only=False`` is never suggested."""
-    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.checkpoint.io import read_checkpoint
     from hiseg.errors import CheckpointError
 
     if not os.path.isfile(path):
@@ -43,9 +44,9 @@ def _vit_candidates(obj: Mapping) -> Optional[Dict[str, torch.Tensor]]:
         inner = obj if key is None else obj.get(key)
         if not _is_state_dict(inner):
             continue
-        sd = _strip_common_prefix(inner, "module.")
+        sd = strip_common_prefix(inner, "module.")
         if any(k.startswith("backbone.") for k in sd):  # DINO full checkpoint: backbone + head
-            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            sd = strip_prefix(sd, "backbone.")
         if _looks_vit(sd):
             return sd
     return None
@@ -65,13 +66,13 @@ def detect_format(obj: Any, path: Optional[str] = None) -> str:
                 f"(hiseg.modeling.ViTBackbone) has a linear patch embedding, so it cannot be converted")
         if _looks_cast(sd.keys()):
             return "cast-seg-moco" if any(".block_fusion." in k for k in sd) else "cast-moco"
-    elif _is_state_dict(sd) and _looks_cast(_strip_common_prefix(sd, "module.")):
+    elif _is_state_dict(sd) and _looks_cast(strip_common_prefix(sd, "module.")):
         return "cast-lincls"  # main_lincls_suppix.py: the whole (DDP) classifier under 'state_dict'
     for key in ("model", "model_ema"):
         inner = obj.get(key)
         if not _is_state_dict(inner):
             continue
-        inner = _strip_common_prefix(inner, "module.")
+        inner = strip_common_prefix(inner, "module.")
         if any(k.startswith("decoder.") for k in inner) and _looks_cast(inner):
             return "cast-segmenter"
         if _looks_cast(inner):
@@ -118,13 +119,13 @@ def extract_state_dict(obj: Any, fmt: str, use_ema: bool = False) -> Tuple[Dict[
         raise CheckpointConversionError(f"unknown checkpoint layout: expected a dict, got {type(obj).__name__}")
     if fmt in ("cast-moco", "cast-seg-moco"):
         sd = _state_dict_under(obj, "state_dict", fmt)
-        prefix = next((p for p in _MOCO_PREFIXES if any(k.startswith(p) for k in sd)), None)
+        prefix = first_prefix_present(sd, _MOCO_PREFIXES)
         if prefix is None:
             if not _looks_cast(sd):
                 raise CheckpointConversionError(
                     f"{fmt}: no 'module.base_encoder.*' keys and no CAST keys; first keys {_first_keys(sd)}")
             return dict(sd), msgs
-        kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        kept = strip_prefix(sd, prefix)
         dropped: Dict[str, int] = {}
         for k in sd:
             if not k.startswith(prefix):
@@ -139,12 +140,12 @@ def extract_state_dict(obj: Any, fmt: str, use_ema: bool = False) -> Tuple[Dict[
         sd = _state_dict_under(obj, key, fmt, fallback_to_obj=key == "model")
         if use_ema:
             msgs.append("using the EMA weights ('model_ema')")
-        return _strip_common_prefix(sd, "module."), msgs
+        return strip_common_prefix(sd, "module."), msgs
     if fmt == "cast-lincls":
         sd = _state_dict_under(obj, "state_dict", fmt)
-        return _strip_common_prefix(sd, "module."), msgs
+        return strip_common_prefix(sd, "module."), msgs
     if fmt == "cast-segmenter":
-        sd = _strip_common_prefix(_state_dict_under(obj, "model", fmt), "module.")
+        sd = strip_common_prefix(_state_dict_under(obj, "model", fmt), "module.")
         other = sorted({k.split(".")[0] for k in sd if not k.startswith(("encoder.", "decoder."))})
         if other:
             raise CheckpointConversionError(

@@ -29,6 +29,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from hiseg.checkpoint.prefixes import strip_prefix
+
 from .common import CheckpointConversionError, Part, _require
 
 __all__ = ["fold_block_fusion", "segmenter_decoder_part", "classifier_part", "BLOCK_FUSION_EPS"]
@@ -65,7 +67,7 @@ _DECODER_SAME = ("proj_dec.", "blocks.", "decoder_norm.", "mask_norm.")
 
 def segmenter_decoder_part(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Part:
     """``decoder.*`` of the released ``MaskTransformer`` -> ``head.*`` of ``CASTSegmenter``."""
-    dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    dec = strip_prefix(sd, "decoder.")
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for k, v in dec.items():
         if k == "cls_emb":

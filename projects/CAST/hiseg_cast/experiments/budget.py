@@ -42,9 +42,8 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
-from hiseg.data.datasets.common import atomic_write
 from hiseg.engine import HisegTrainer
-from hiseg.engine.checkpoint import atomic_write as atomic_write_file
+from hiseg.utils.atomic_io import atomic_write
 
 __all__ = ["BudgetSpec", "WallClockBudget", "BudgetTrainer", "train_for_budget", "moco_v3_lr_factor",
            "read_steps", "read_run", "STEP_FIELDS", "LAST", "RUN_JSON", "STEPS_CSV", "point_path",
@@ -219,7 +218,8 @@ class WallClockBudget(HookBase):
                "elapsed_s": round(self.elapsed_s, 3), "file": os.path.basename(point_path(self.run_dir, k))}
         data = {"model": model.state_dict(), "iteration": rec["iteration"], "elapsed_s": rec["elapsed_s"],
                 "fraction": frac}
-        atomic_write_file(point_path(self.run_dir, k), lambda f: torch.save(data, f))
+        with atomic_write(point_path(self.run_dir, k), "wb") as f:
+            torch.save(data, f)
         self.points_done.append(rec)
         self.limits.print_fn(f"[{self.limits.label}] point {k}/{len(self.spec.fractions)} "
                              f"({100 * frac:g}% of the budget) at iteration {rec['iteration']}")
@@ -307,7 +307,7 @@ def _resume_iteration(run_dir: str) -> int:
     tag = os.path.join(run_dir, "last_checkpoint")
     if not os.path.isfile(tag):
         return 0
-    from hiseg.checkpoint_io import read_checkpoint
+    from hiseg.checkpoint.io import read_checkpoint
 
     with open(tag) as f:
         name = f.read().strip()

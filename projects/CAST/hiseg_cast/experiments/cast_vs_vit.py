@@ -56,7 +56,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from hiseg.data.datasets.common import atomic_write_json
+from hiseg.utils.atomic_io import atomic_write_json
 from hiseg.provenance import git_state, machine_description, read_json
 
 from .budget import (BudgetSpec, CallLimits, point_path, read_run, read_steps, train_for_budget)
@@ -359,7 +359,7 @@ def _entropy_stats(enc_out) -> Dict[str, list]:
 def _load_point_model(cfg, path: str):
     from detectron2.modeling import build_model
 
-    from hiseg.checkpoint_io import SafeDetectionCheckpointer
+    from hiseg.checkpoint.io import SafeDetectionCheckpointer
 
     model = build_model(cfg)
     SafeDetectionCheckpointer(model).load(path)
@@ -803,7 +803,7 @@ def write_report(args, settings: dict, manifest: dict) -> str:
         L.append("![pooling entropy](pooling_entropy.png)")
         L.append("")
     text = "\n".join(L) + "\n"
-    from hiseg.data.datasets.common import atomic_write
+    from hiseg.utils.atomic_io import atomic_write
 
     with atomic_write(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)

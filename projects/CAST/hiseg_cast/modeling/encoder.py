@@ -15,8 +15,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hiseg.modeling.activation_checkpointing import maybe_checkpoint
 from hiseg.modeling.attention_taps import class_attention_from_qkv, tap_qkv
-from hiseg.modeling.checkpointing import maybe_checkpoint
 
 from .graph_pool import GraphPool, key_padding_bias
 from .segment_ops import count_segments, grid_to_segment_matrix, image_extents
@@ -122,7 +122,7 @@ class CASTEncoder(nn.Module):
         self.pos_resize = pos_resize
         self.pos_grid = tuple(int(v) for v in pos_grid)
         # MODEL.CAST.ACTIVATION_CHECKPOINTING: each ViT block's activations are recomputed in the
-        # backward pass (hiseg.modeling.checkpointing). The blocks hold nearly all of the encoder's
+        # backward pass (hiseg.modeling.activation_checkpointing). The blocks hold nearly all of the encoder's
         # activations; the conv stem is left alone (its BatchNorm would update its running
         # statistics twice if recomputed) and so are the graph poolings (a small share).
         self.activation_checkpointing = bool(activation_checkpointing)

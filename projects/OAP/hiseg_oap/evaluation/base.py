@@ -45,7 +45,7 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from hiseg.data.datasets.common import atomic_write_json
+from hiseg.utils.atomic_io import atomic_write_json
 
 from .cluster_mapping import MAPPING_METHODS, compute_cluster_mapping, mapping_record, mapping_summary
 

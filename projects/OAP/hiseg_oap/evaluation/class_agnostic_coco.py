@@ -19,7 +19,7 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 
 from hiseg.data.datasets.cls_agnostic import class_agnostic_coco
-from hiseg.data.datasets.common import atomic_write_json
+from hiseg.utils.atomic_io import atomic_write_json
 from hiseg.evaluation.registry import evaluator_types, register_evaluator_factory
 
 from .base import INSTANCE_TASKS

@@ -38,13 +38,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from hiseg.checkpoint_io import read_checkpoint
+from hiseg.checkpoint.io import read_checkpoint
+from hiseg.checkpoint.prefixes import find_vit_prefix
 from hiseg.errors import CheckpointError, UserError
-from hiseg.modeling.vit import find_vit_prefix
 from hiseg.paths import REPO_ROOT, repo_relative
-from hiseg.data.datasets.common import atomic_write_json
-from hiseg.engine.checkpoint import atomic_write
 from hiseg.provenance import git_state, machine_description, read_json
+from hiseg.utils.atomic_io import atomic_write, atomic_write_json
 
 __all__ = [
     "oap_init_checkpoint", "branch_backbone_checkpoint", "student_curve",
@@ -139,7 +138,8 @@ def branch_backbone_checkpoint(src: str, dst: str, branch: str = "teacher") -> s
 
 def _save(state: Mapping[str, torch.Tensor], path: str, note: str) -> None:
     data = {"model": dict(state), "matching_heuristics": False, "__author__": f"oap experiment: {note}"}
-    atomic_write(path, lambda f: torch.save(data, f))
+    with atomic_write(path, "wb") as f:
+        torch.save(data, f)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ initialisation is ViT-Adapter's (gamma = ``init_values``, normal level embedding
 **Activation checkpointing** (``MODEL.VIT.ACTIVATION_CHECKPOINTING``, the key of the ViT it
 wraps): every ViT block, injector and extractor is recomputed in the backward pass instead of
 keeping its activations (ViT-Adapter's ``with_cp`` covers the same modules;
-:mod:`hiseg.modeling.checkpointing`). The spatial prior module (GroupNorm by default, but any
+:mod:`hiseg.modeling.activation_checkpointing`). The spatial prior module (GroupNorm by default, but any
 detectron2 norm may be configured, BatchNorm included) and the output norms are not recomputed.
 
 Parameters: the ViT under ``vit.*`` with timm (= DINO) names, exactly as in
@@ -65,7 +65,7 @@ from torch import nn
 
 from hiseg.compat import shape_spec
 from hiseg.modeling.attention_taps import split_qkv, tap_qkv
-from hiseg.modeling.checkpointing import maybe_checkpoint
+from hiseg.modeling.activation_checkpointing import maybe_checkpoint
 from hiseg.modeling.vit import ChannelLayerNorm, make_timm_vit, vit_kwargs_from_cfg
 
 from .ms_deform_attn import MSDeformAttn, level_start_index, spatial_shapes_tensor

@@ -130,7 +130,7 @@ class CASTMoCo(nn.Module):
         """State-dict prefixes inference never reads (the training-only MoCo parts, and the
         backbone's dense read-out, ``DENSE_READOUT``: CAST's fuse / out_norms, the ViT's pyramid;
         the hierarchy and the figure-ground mask come from the encoder's tokens): an evaluated
-        checkpoint need not fill them (``hiseg.checkpoint_io.check_part_filled``)."""
+        checkpoint need not fill them (``hiseg.checkpoint.io.check_part_filled``)."""
         unused = ("projector.", "predictor.", "momentum_backbone.", "momentum_projector.")
         return unused + tuple(f"backbone.{name}." for name in self.backbone.DENSE_READOUT)
 

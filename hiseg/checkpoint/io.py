@@ -43,8 +43,8 @@ from typing import Any, Dict, Iterable, List, Mapping
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .errors import CheckpointError
-from .image_io import describe_file_start
+from ..errors import CheckpointError
+from ..image_io import describe_file_start
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -361,7 +361,7 @@ def check_part_filled(model: torch.nn.Module, incompatible, path: str, purpose: 
       model);
     * ``"evaluate"``: every tensor the model uses at inference: all but those under the model's
       ``eval_unused_prefixes`` (e.g. CASTMoCo's projector, predictor and momentum copies) and,
-      for a converted file that declares it holds only ``holds`` (``hiseg.engine.weights_config``),
+      for a converted file that declares it holds only ``holds`` (``hiseg.checkpoint.weights_config``),
       nothing outside that prefix is required, nor the keys it declares ``not_held`` (tensors the
       released model does not have; the one-line summary names all of those);
     * ``"finetune"`` (training from ``MODEL.WEIGHTS``): the backbone: no backbone tensor of

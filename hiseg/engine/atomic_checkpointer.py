@@ -3,14 +3,15 @@
 fvcore writes ``model_<iteration>.pth`` and then ``last_checkpoint`` in place: a run killed while
 writing leaves a truncated file that ``--resume`` then fails to load. Here both are written to a
 temporary file in the same folder, flushed to disk, and moved into place with ``os.replace``
-(atomic on POSIX), so ``last_checkpoint`` always names a complete file.
+(atomic on POSIX; :func:`hiseg.utils.atomic_io.atomic_write`), so ``last_checkpoint`` always
+names a complete file.
 
-Loading goes through :class:`hiseg.checkpoint_io.SafeDetectionCheckpointer`: no unrestricted
+Loading goes through :class:`hiseg.checkpoint.io.SafeDetectionCheckpointer`: no unrestricted
 unpickling, a one-line error for a file that is not a checkpoint or belongs to another model.
 Given the config (``cfg=``), loading also checks the config values a converted checkpoint stores
-(``hiseg.engine.weights_config``) and reports the model tensors such a file is not meant to hold
+(``hiseg.checkpoint.weights_config``) and reports the model tensors such a file is not meant to hold
 in one line, and checks that the part of the model a run uses was filled
-(:func:`hiseg.checkpoint_io.check_part_filled`: the backbone when fine-tuning from
+(:func:`hiseg.checkpoint.io.check_part_filled`: the backbone when fine-tuning from
 ``MODEL.WEIGHTS``, the whole model when evaluating or resuming).
 
 Saving never loses the last complete checkpoint: weights that are not finite (a diverged run)
@@ -22,48 +23,20 @@ import errno
 import glob
 import logging
 import os
-import re
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
-from ..checkpoint_io import SafeDetectionCheckpointer, check_part_filled
+from ..checkpoint.io import SafeDetectionCheckpointer, check_part_filled
+from ..checkpoint.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
 from ..errors import CheckpointError, OutputError, TrainingDivergedError
-from .weights_config import WEIGHTS_CONFIG_KEY, check_weights_config, summarize_expected_missing
+from ..utils.atomic_io import atomic_write, temp_file_pattern
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_write", "read_last_checkpoint", "remove_stale_temp_files"]
+__all__ = ["AtomicDetectionCheckpointer", "read_last_checkpoint", "remove_stale_temp_files"]
 
-# the temporary files atomic_write makes for checkpoints and last_checkpoint (tempfile.mkstemp
-# adds 8 characters of [a-z0-9_])
-_STALE_TEMP = re.compile(r"^\.tmp-(model_.*\.pth|last_checkpoint)-[a-z0-9_]{8}$")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write_fn, binary: bool = True) -> None:
-    """Call ``write_fn(f)`` on a temporary file next to ``path`` and move it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode of any new file
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+# the temporary files atomic_write makes for checkpoints and last_checkpoint (and no others)
+_STALE_TEMP = temp_file_pattern(r"model_.*\.pth|last_checkpoint")
 
 
 def read_last_checkpoint(save_dir: str) -> Optional[str]:
@@ -130,7 +103,7 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, cfg=None, evaluating: bool = False, **checkpointables):
         """``cfg``: check a converted checkpoint's stored config values against it;
         ``evaluating``: the weights are loaded to be evaluated, which makes the check of the
-        settings they were trained with strict (:func:`~hiseg.engine.weights_config.check_weights_config`)."""
+        settings they were trained with strict (:func:`~hiseg.checkpoint.weights_config.check_weights_config`)."""
         super().__init__(model, save_dir, **checkpointables)
         self._cfg = cfg
         self._evaluating = evaluating
@@ -189,7 +162,8 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
         need = _state_bytes(data)
         self._check_space(save_file, need)
         try:
-            atomic_write(save_file, lambda f: torch.save(data, f))
+            with atomic_write(save_file, "wb") as f:
+                torch.save(data, f)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as "unexpected pos"
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or self._short_of(save_file, need):
                 raise self._no_space(save_file, need) from None
@@ -233,4 +207,5 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
-        atomic_write(path, lambda f: f.write(last_filename_basename), binary=False)
+        with atomic_write(path, "w") as f:
+            f.write(last_filename_basename)
