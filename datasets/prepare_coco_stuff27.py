@@ -28,7 +28,6 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.coco_stuff27 import IGNORE_LABEL, category_to_label  # noqa: E402
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import atomic_save_png  # noqa: E402

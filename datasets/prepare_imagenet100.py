@@ -22,7 +22,6 @@ import tempfile
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import script_main  # noqa: E402
 from hiseg.dataset_checks import require_input  # noqa: E402
 from hiseg.errors import DatasetNotFoundError, EmptyDatasetError  # noqa: E402

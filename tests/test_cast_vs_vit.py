@@ -1,4 +1,4 @@
-"""The CAST vs ViT experiment (issue 11; hiseg_cast.experiments.cast_vs_vit) end to end at --quick size:
+"""The CAST vs ViT experiment (projects/CAST/experiments/cast_vs_vit.py) end to end at --quick size:
 two seeds, a pair-mode start paused after one step, a sequential resume to the end of the
 budget, evaluation on BSDS500 val, table and plots; then a re-run that trains nothing."""
 import csv
@@ -9,6 +9,7 @@ import os
 import pytest
 
 import hiseg.data  # noqa: F401
+from helpers import experiment
 
 BUDGET_MIN = 0.1  # 6 s of training per run
 
@@ -40,8 +41,10 @@ def test_natural_images_unite_bsds_train_coco_and_skimage(shared_data):
 
 
 def test_schedule_and_mapper_fairness():
-    from hiseg_cast.experiments.budget import BudgetSpec, moco_v3_lr_factor
-    from hiseg_cast.experiments.cast_vs_vit import MODELS, build_cfg
+    from hiseg.engine.budget import BudgetSpec, moco_v3_lr_factor
+
+    protocol = experiment("CAST", "cast_vs_vit_protocol")
+    MODELS, build_cfg = protocol.MODELS, protocol.build_cfg
     from hiseg_cast.moco_mapper import MoCoTwoViewMapper, mapper_computes_superpixels
     from detectron2.data import DatasetCatalog
 
@@ -66,8 +69,8 @@ def test_schedule_and_mapper_fairness():
     patch_cfg = build_cfg(MODELS["cast"][1], ["MODEL.CAST.TOKENS", "patch"])
     assert not mapper_computes_superpixels(patch_cfg)
     # MoCo-v3's stop-grad on the first layer for both: CAST's stem conv1 (its builder), the
-    # ViT's patch projection (the budget trainer's build_model)
-    from hiseg_cast.experiments.budget import BudgetTrainer
+    # ViT's patch projection (the experiment's budget trainer's build_model)
+    BudgetTrainer = experiment("CAST", "cast_vs_vit_train").MoCoBudgetTrainer
 
     tiny = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.VIT.EMBED_DIM", 48, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
             "MODEL.VIT.DEPTH", 4, "MODEL.MOCO.MLP_DIM", 64]
@@ -84,7 +87,8 @@ def test_schedule_and_mapper_fairness():
 
 
 def test_quick_pipeline_pauses_resumes_evaluates_and_skips_finished_runs(shared_data, tmp_path):
-    from hiseg_cast.experiments.cast_vs_vit import main, run_dir_for
+    cast_vs_vit = experiment("CAST", "cast_vs_vit")
+    main, run_dir_for = cast_vs_vit.main, cast_vs_vit.run_dir_for
 
     out = str(tmp_path / "exp")
     # two points keep the test short (the experiment's default has five)
