@@ -22,3 +22,14 @@ def experiment(project: str, name: str):
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return importlib.import_module(name)
+
+
+def gpucheck():
+    """The GPU check's package ``dev/gpucheck`` as ``gpucheck``, loaded as ``tools/gpu_check.py``
+    loads it (so that ``from gpucheck import ...`` gives the modules the tool runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_gpu_check_tool", REPO / "tools" / "gpu_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.load_gpucheck()

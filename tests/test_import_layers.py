@@ -166,12 +166,16 @@ def violations_of(module: str, path: str) -> Set[Tuple[str, str, str]]:
 
 
 def experiments_in_packages() -> Set[Tuple[str, str, str]]:
-    """Rule 4: an ``experiments`` folder inside an installed package's folder."""
+    """Rule 4: an ``experiments`` folder holding Python files inside an installed package's folder
+    (a folder left with only ``__pycache__`` after a checkout moved its files does not count)."""
     found = set()
     for top, folder in PACKAGES.items():
         for dirpath, dirs, _ in os.walk(os.path.join(REPO, folder)):
-            if "experiments" in dirs:
-                rel = os.path.relpath(os.path.join(dirpath, "experiments"), REPO).replace(os.sep, "/")
+            if "experiments" not in dirs:
+                continue
+            exp = os.path.join(dirpath, "experiments")
+            if any(n.endswith(".py") for d, _, files in os.walk(exp) if "__pycache__" not in d for n in files):
+                rel = os.path.relpath(exp, REPO).replace(os.sep, "/")
                 found.add((rel, "experiments inside an installed package", top))
     return found
 
@@ -239,9 +243,11 @@ def test_checker_allows_git_provenance_and_own_imports(tmp_path):
 
 
 def test_checker_finds_experiments_inside_a_package(tmp_path, monkeypatch):
-    (tmp_path / "pkg" / "experiments").mkdir(parents=True)
+    (tmp_path / "pkg" / "experiments" / "__pycache__").mkdir(parents=True)
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
     monkeypatch.setattr(sys.modules[__name__], "PACKAGES", {"pkg": "pkg"})
+    assert experiments_in_packages() == set()  # what a moved package leaves behind
+    (tmp_path / "pkg" / "experiments" / "run.py").write_text("")
     assert experiments_in_packages() == {("pkg/experiments", "experiments inside an installed package", "pkg")}
 
 
