@@ -165,3 +165,38 @@ def test_quick_pipeline_pauses_resumes_evaluates_and_skips_finished_runs(shared_
     # 4. another budget in the same folder is refused, not mixed in
     with pytest.raises(ValueError, match="another spec"):
         main(common[:-1] + ["0.2", "--seeds", "0", "--mode", "sequential", "--train-only"])
+
+
+def test_library_parts_the_experiments_use(tmp_path):
+    """What the experiment scripts take from the library: table cells, the manifest of a resumable
+    folder, the commit, side-by-side timing."""
+    from hiseg.benchmark import time_interleaved
+    from hiseg.provenance import Manifest, git_state
+    from hiseg.utils.markdown import duration, mean_sd_cell
+
+    assert mean_sd_cell([1.0, 3.0]) == "2.000 ± 1.414"
+    assert mean_sd_cell([2.0, None, float("nan")], 1) == "2.0"
+    assert mean_sd_cell([]) == "–"
+    assert (duration(None), duration(42.4), duration(150.0)) == ("–", "42 s", "2.5 min")
+
+    state = git_state(count_changes=True)
+    assert set(state) == {"commit", "dirty", "changed_files"} and state["dirty"] == (state["changed_files"] > 0)
+    assert git_state(str(tmp_path)) == {"commit": "unknown", "dirty": False}  # no checkout there
+
+    path = tmp_path / "out" / "manifest.json"
+    first = Manifest(str(path))
+    inv = first.start("python x.py --a")
+    inv["train_wall_s"] = 1.0
+    first.finish(inv)
+    again = Manifest(str(path))  # a re-run reads the record and adds its own
+    again.data["settings"] = {"iters": 3}
+    again.finish(again.start("python x.py --b"))
+    data = json.loads(path.read_text())
+    assert [i["command"] for i in data["invocations"]] == ["python x.py --a", "python x.py --b"]
+    assert list(data["invocations"][0]) == ["command", "commit", "dirty", "started", "train_wall_s", "wall_s",
+                                            "finished"]
+    assert data["settings"] == {"iters": 3}
+
+    calls = []
+    medians = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], iters=3, warmup=1, device="cpu")
+    assert calls == ["a", "b"] * 4 and len(medians) == 2 and min(medians) >= 0
