@@ -17,7 +17,6 @@ A missing or empty input folder is one ``error:`` line (exit status 2); an unrea
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 

@@ -38,7 +38,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 from multiprocessing import Pool
 
 import numpy as np

@@ -19,7 +19,6 @@ A missing, invalid (truncated) or empty input JSON, or an ``--output`` that cann
 """
 import argparse
 import os
-import sys
 
 from hiseg.data.datasets.cls_agnostic import FG_CATEGORY, class_agnostic_coco  # noqa: E402
 from hiseg.cli import ArgumentParser, check_output_file, script_main  # noqa: E402

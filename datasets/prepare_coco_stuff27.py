@@ -22,7 +22,6 @@ A missing or invalid input (JSON, folder) or a JSON without annotations is one `
 """
 import argparse
 import os
-import sys
 from multiprocessing import Pool
 
 import numpy as np

@@ -17,7 +17,6 @@ one ``error:`` line, exit status 2.
 """
 import argparse
 import os
-import sys
 from collections import defaultdict
 
 from tqdm import tqdm

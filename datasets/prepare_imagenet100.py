@@ -17,7 +17,6 @@ ImageNet folder, missing or empty class folders are one ``error:`` line, exit st
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 from tqdm import tqdm

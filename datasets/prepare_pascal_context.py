@@ -17,7 +17,6 @@ status 2); an unreadable label map is a warning, is skipped and counted (exit st
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 

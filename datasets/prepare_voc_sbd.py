@@ -24,7 +24,6 @@ A missing input folder or list, or an empty ``cls/`` folder, is one ``error:`` l
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image
