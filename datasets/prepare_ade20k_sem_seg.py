@@ -17,11 +17,9 @@ A missing or empty input folder is one ``error:`` line (exit status 2); an unrea
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import convert_label_maps, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402

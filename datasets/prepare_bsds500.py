@@ -28,7 +28,6 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.bsds500 import SPLITS, load_bsds_ground_truth_mat  # noqa: E402

@@ -38,7 +38,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 from multiprocessing import Pool
 
 import numpy as np
@@ -46,7 +45,6 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.utils.atomic_io import atomic_write  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402

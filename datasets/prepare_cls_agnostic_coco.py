@@ -19,9 +19,7 @@ A missing, invalid (truncated) or empty input JSON, or an ``--output`` that cann
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.cls_agnostic import FG_CATEGORY, class_agnostic_coco  # noqa: E402
 from hiseg.cli import ArgumentParser, check_output_file, script_main  # noqa: E402
 from hiseg.utils.atomic_io import atomic_write_json  # noqa: E402

@@ -22,13 +22,11 @@ A missing or invalid input (JSON, folder) or a JSON without annotations is one `
 """
 import argparse
 import os
-import sys
 from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.data.datasets.coco_stuff27 import IGNORE_LABEL, category_to_label  # noqa: E402
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.utils.atomic_io import atomic_save_png  # noqa: E402

@@ -17,12 +17,10 @@ one ``error:`` line, exit status 2.
 """
 import argparse
 import os
-import sys
 from collections import defaultdict
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import script_main  # noqa: E402
 from hiseg.utils.atomic_io import atomic_save_png  # noqa: E402
 from hiseg.dataset_checks import read_json, require_files, require_input  # noqa: E402

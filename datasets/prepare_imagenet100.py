@@ -17,12 +17,10 @@ ImageNet folder, missing or empty class folders are one ``error:`` line, exit st
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import script_main  # noqa: E402
 from hiseg.dataset_checks import require_input  # noqa: E402
 from hiseg.errors import DatasetNotFoundError, EmptyDatasetError  # noqa: E402

@@ -17,11 +17,9 @@ status 2); an unreadable label map is a warning, is skipped and counted (exit st
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.data.datasets.common import convert_label_maps, reduce_zero_label  # noqa: E402
 from hiseg.dataset_checks import require_files, require_input  # noqa: E402

@@ -24,14 +24,12 @@ A missing input folder or list, or an empty ``cls/`` folder, is one ``error:`` l
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from hiseg.cli import Skipped, script_main  # noqa: E402
 from hiseg.utils.atomic_io import atomic_save_png, atomic_write  # noqa: E402
 from hiseg.dataset_checks import reading, require_files, require_input  # noqa: E402

@@ -6,15 +6,24 @@ the BLAS library's own pool (OpenBLAS, MKL) and OpenMP pools, which by default u
 with those left free a method that spends its time in BLAS looks faster or slower than one that
 spends it in torch, depending on the machine's load. :func:`pinned_threads` sets all of them
 (``threadpoolctl`` for the BLAS and OpenMP libraries loaded in the process) and restores them.
+
+:func:`spawn_with_threads` starts a process (``spawn``) whose pools start at a given count: the
+OpenMP / MKL / OpenBLAS variables are read once, when a process starts, so they are set for the
+child's start and restored here right after.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List
+import multiprocessing as mp
+import os
+from typing import Callable, Dict, Iterator, List
 
 import torch
 
-__all__ = ["pinned_threads", "thread_pools"]
+__all__ = ["pinned_threads", "thread_pools", "spawn_with_threads", "THREAD_ENV_VARS"]
+
+#: the variables the BLAS and OpenMP libraries size their pools from at start-up
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def thread_pools() -> List[Dict]:
@@ -47,3 +56,21 @@ def pinned_threads(num_threads: int) -> Iterator[List[Dict]]:
             yield thread_pools()
         finally:
             torch.set_num_threads(before)
+
+
+def spawn_with_threads(target: Callable, args: tuple, threads: int) -> "mp.Process":
+    """A started ``spawn`` process running ``target(*args)`` with :data:`THREAD_ENV_VARS` set to
+    ``threads`` (inherited at its start); this process's environment is left as it was."""
+    old = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
+    try:
+        for k in THREAD_ENV_VARS:
+            os.environ[k] = str(threads)
+        p = mp.get_context("spawn").Process(target=target, args=args)
+        p.start()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return p

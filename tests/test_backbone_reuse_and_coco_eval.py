@@ -1,8 +1,8 @@
 """What a Detectron2 user's own code meets first: ``add_cast_config`` alone loads the CAST yaml
 files, ``build_cast_fpn_backbone`` works without ``MODEL.FPN.IN_FEATURES``, and detectron2's
 ``COCOEvaluator`` with its default arguments works on the pure-Python detectron2 the set-up
-installs (``tools/install_deps.py``: ``COCOeval_opt`` falls back to pycocotools; the stub's error
-for a direct call of a COCO op names ``use_fast_impl=False``)."""
+installs (``tools/install_deps.py`` with ``dev/detectron2_install.py``: ``COCOeval_opt`` falls back to
+pycocotools; the stub's error for a direct call of a COCO op names ``use_fast_impl=False``)."""
 import importlib.util
 import json
 import os
@@ -82,8 +82,9 @@ def test_cast_fpn_unknown_in_features_names_the_key():
 
 
 # ---------------------------------------------------------------------------------------------
-def _install_deps():
-    spec = importlib.util.spec_from_file_location("_install_deps", ROOT / "tools" / "install_deps.py")
+def _d2_install():
+    """``dev/detectron2_install.py``, the set-up's detectron2 steps (loaded as the set-up loads it)."""
+    spec = importlib.util.spec_from_file_location("_d2_install", ROOT / "dev" / "detectron2_install.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -98,7 +99,7 @@ def _d2_copy(tmp_path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "model_zoo"))
     fast = site / "detectron2" / "evaluation" / "fast_eval_api.py"
     text = fast.read_text()
-    mark = _install_deps()._FAST_EVAL_MARK
+    mark = _d2_install().FAST_EVAL_MARK
     if mark in text:  # undo our patch: start from detectron2's own file
         text = "\n".join(ln for k, ln in enumerate(text.splitlines())
                          if mark not in ln and not (k and mark in text.splitlines()[k - 1])) + "\n"
@@ -155,11 +156,11 @@ def tiny_coco(tmp_path):
 
 
 def test_coco_evaluator_defaults_work_on_the_pure_python_detectron2(tmp_path, tiny_coco):
-    deps = _install_deps()
+    deps = _d2_install()
     site = _d2_copy(tmp_path)
     pkg = site / "detectron2"
     # the set-up's pure-Python install (fresh) and the refresh of an older one give the same files
-    (pkg / "_C.py").write_text(deps._C_STUB.replace("PATCH_LEVEL = 2", "PATCH_LEVEL = 1"))
+    (pkg / "_C.py").write_text(deps.C_STUB.replace("PATCH_LEVEL = 2", "PATCH_LEVEL = 1"))
     calls = []
     deps.python_ok = lambda code: calls.append(code) or f"1 {pkg}"
     deps.log = lambda msg: None

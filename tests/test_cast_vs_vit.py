@@ -1,4 +1,4 @@
-"""The CAST vs ViT experiment (issue 11; hiseg_cast.experiments.cast_vs_vit) end to end at --quick size:
+"""The CAST vs ViT experiment (projects/CAST/experiments/cast_vs_vit.py) end to end at --quick size:
 two seeds, a pair-mode start paused after one step, a sequential resume to the end of the
 budget, evaluation on BSDS500 val, table and plots; then a re-run that trains nothing."""
 import csv
@@ -9,6 +9,7 @@ import os
 import pytest
 
 import hiseg.data  # noqa: F401
+from helpers import experiment
 
 BUDGET_MIN = 0.1  # 6 s of training per run
 
@@ -40,8 +41,10 @@ def test_natural_images_unite_bsds_train_coco_and_skimage(shared_data):
 
 
 def test_schedule_and_mapper_fairness():
-    from hiseg_cast.experiments.budget import BudgetSpec, moco_v3_lr_factor
-    from hiseg_cast.experiments.cast_vs_vit import MODELS, build_cfg
+    from hiseg.engine.budget import BudgetSpec, moco_v3_lr_factor
+
+    protocol = experiment("CAST", "cast_vs_vit_protocol")
+    MODELS, build_cfg = protocol.MODELS, protocol.build_cfg
     from hiseg_cast.data.dataset_mappers import MoCoTwoViewMapper
     from hiseg_cast.superpixels import mapper_computes_superpixels
     from detectron2.data import DatasetCatalog
@@ -67,8 +70,8 @@ def test_schedule_and_mapper_fairness():
     patch_cfg = build_cfg(MODELS["cast"][1], ["MODEL.CAST.TOKENS", "patch"])
     assert not mapper_computes_superpixels(patch_cfg)
     # MoCo-v3's stop-grad on the first layer for both: CAST's stem conv1 (its builder), the
-    # ViT's patch projection (the budget trainer's build_model)
-    from hiseg_cast.experiments.budget import BudgetTrainer
+    # ViT's patch projection (the experiment's budget trainer's build_model)
+    BudgetTrainer = experiment("CAST", "cast_vs_vit_train").MoCoBudgetTrainer
 
     tiny = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.VIT.EMBED_DIM", 48, "MODEL.CAST.DEPTHS", [1, 1, 1, 1],
             "MODEL.VIT.DEPTH", 4, "MODEL.MOCO.MLP_DIM", 64]
@@ -85,7 +88,8 @@ def test_schedule_and_mapper_fairness():
 
 
 def test_quick_pipeline_pauses_resumes_evaluates_and_skips_finished_runs(shared_data, tmp_path):
-    from hiseg_cast.experiments.cast_vs_vit import main, run_dir_for
+    cast_vs_vit = experiment("CAST", "cast_vs_vit")
+    main, run_dir_for = cast_vs_vit.main, cast_vs_vit.run_dir_for
 
     out = str(tmp_path / "exp")
     # two points keep the test short (the experiment's default has five)
@@ -162,3 +166,38 @@ def test_quick_pipeline_pauses_resumes_evaluates_and_skips_finished_runs(shared_
     # 4. another budget in the same folder is refused, not mixed in
     with pytest.raises(ValueError, match="another spec"):
         main(common[:-1] + ["0.2", "--seeds", "0", "--mode", "sequential", "--train-only"])
+
+
+def test_library_parts_the_experiments_use(tmp_path):
+    """What the experiment scripts take from the library: table cells, the manifest of a resumable
+    folder, the commit, side-by-side timing."""
+    from hiseg.benchmark import time_interleaved
+    from hiseg.provenance import Manifest, git_state
+    from hiseg.utils.markdown import duration, mean_sd_cell
+
+    assert mean_sd_cell([1.0, 3.0]) == "2.000 ± 1.414"
+    assert mean_sd_cell([2.0, None, float("nan")], 1) == "2.0"
+    assert mean_sd_cell([]) == "–"
+    assert (duration(None), duration(42.4), duration(150.0)) == ("–", "42 s", "2.5 min")
+
+    state = git_state(count_changes=True)
+    assert set(state) == {"commit", "dirty", "changed_files"} and state["dirty"] == (state["changed_files"] > 0)
+    assert git_state(str(tmp_path)) == {"commit": "unknown", "dirty": False}  # no checkout there
+
+    path = tmp_path / "out" / "manifest.json"
+    first = Manifest(str(path))
+    inv = first.start("python x.py --a")
+    inv["train_wall_s"] = 1.0
+    first.finish(inv)
+    again = Manifest(str(path))  # a re-run reads the record and adds its own
+    again.data["settings"] = {"iters": 3}
+    again.finish(again.start("python x.py --b"))
+    data = json.loads(path.read_text())
+    assert [i["command"] for i in data["invocations"]] == ["python x.py --a", "python x.py --b"]
+    assert list(data["invocations"][0]) == ["command", "commit", "dirty", "started", "train_wall_s", "wall_s",
+                                            "finished"]
+    assert data["settings"] == {"iters": 3}
+
+    calls = []
+    medians = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], iters=3, warmup=1, device="cpu")
+    assert calls == ["a", "b"] * 4 and len(medians) == 2 and min(medians) >= 0

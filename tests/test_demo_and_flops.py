@@ -211,9 +211,11 @@ def test_flops_breakdown_adds_up(flop_reports):
 
 def test_demo_loads_weights_into_encoder(demo, tmp_path):
     """A detectron2-style checkpoint (keys under ``backbone.encoder.``) fills every encoder tensor."""
+    from hiseg_cast.demo import build_demo_backbone
+
     cfg = demo.setup_cfg(demo.DEFAULT_CONFIG, TINY)
     torch.manual_seed(123)
-    src = demo.build_model(cfg, "cpu").encoder
+    src = build_demo_backbone(cfg, "cpu").encoder
     state = {"backbone.encoder." + k: v for k, v in src.state_dict().items()}
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": state, "iteration": 7}, ckpt)

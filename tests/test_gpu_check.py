@@ -1,6 +1,6 @@
-"""tools/gpu_check.py: the prepared GPU check runs its CPU quick mode end to end (so it cannot rot
-before it runs on a GPU), and its report holds every table and row; the pieces that decide the exit
-status and the list of CUDA-only tests are checked on their own."""
+"""tools/gpu_check.py (dev/gpucheck): the prepared GPU check runs its CPU quick mode end to end (so
+it cannot rot before it runs on a GPU), and its report holds every table and row; the pieces that
+decide the exit status and the list of CUDA-only tests are checked on their own."""
 import os
 import subprocess
 import sys
@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from helpers import gpucheck
 
-from gpucheck import common, correctness  # noqa: E402
+gpucheck()
+from gpucheck import correctness, provenance  # noqa: E402  (dev tooling: loaded by the line above)
 from gpucheck.profiles import QUICK  # noqa: E402
+from gpucheck.report import Report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 CORRECTNESS_ROWS = [
     "slic_torch labels, ",
@@ -111,7 +114,7 @@ def test_memory_row_out_of_memory_is_a_row_not_a_failure(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(memory, "_two_steps", no_room)
-    report = common.Report(tmp_path / "r.md", "t")
+    report = Report(tmp_path / "r.md", "t")
     prof = type("P", (), {"memory_rows": QUICK.memory_rows[-1:]})()  # the tiny OAP row
     memory.memory_per_config(report, torch.device("cpu"), prof, torch.bfloat16, allot_s=600)
     (row,) = report.tables[0].rows
@@ -119,7 +122,7 @@ def test_memory_row_out_of_memory_is_a_row_not_a_failure(tmp_path, monkeypatch):
 
 
 def test_failures_decide_the_exit_status(tmp_path):
-    report = common.Report(tmp_path / "r.md", "t")
+    report = Report(tmp_path / "r.md", "t")
     t = correctness.new_table(report)
     t.add("ok", "pass", "-", "-", "-")
     t.add("note", "info", "-", "-", "-")
@@ -175,8 +178,8 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 
 
 def test_stamp_gives_the_commit_where_git_is_absent(tmp_path):
-    stamp = common.write_stamp(tmp_path / "STAMP.json")
-    assert stamp["fingerprint"] == common.source_fingerprint()
+    stamp = provenance.write_stamp(tmp_path / "STAMP.json")
+    assert stamp["fingerprint"] == provenance.source_fingerprint()
     assert len(stamp["commit"]) == 40 or stamp["commit"] == "unknown"
-    line = common.provenance(tmp_path / "STAMP.json", root=tmp_path)  # no git checkout there
+    line = provenance.provenance(tmp_path / "STAMP.json", root=tmp_path)  # no git checkout there
     assert "from STAMP.json" in line and stamp["commit"] in line

@@ -1,4 +1,4 @@
-"""The OAP experiment of issue 11 item 3 (``hiseg_oap.experiments.student_vs_pseudo_masks``): moving a
+"""The OAP experiment ``projects/OAP/experiments/student_vs_pseudo_masks.py``: moving a
 pre-trained ViT into OAPSegmentor, taking the EMA teacher's encoder out of a checkpoint, reading
 the trainer's evaluations and writing the report. The full run is a documented command
 (docs/oap_student_vs_pseudo_masks.md), not a test."""
@@ -14,8 +14,9 @@ from detectron2.modeling import build_model
 
 from hiseg.errors import CheckpointError
 from hiseg.modeling.vit import make_timm_vit
-from helpers import add_all_configs
-from hiseg_oap.experiments import student_vs_pseudo_masks as exp
+from helpers import add_all_configs, experiment
+
+exp = experiment("OAP", "student_vs_pseudo_masks")
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "OAP" / "quick" / "oap_vit_tiny_coco_sample_cpu.yaml"  # 48-d, 4 blocks, patch 8, 96
@@ -149,7 +150,7 @@ def test_report_has_one_row_per_method_with_the_numbers(tmp_path):
     _write_metrics(tmp_path / "train" / "metrics.json", [
         {"iteration": 9, "segm_agnostic/AP": 0.5, "segm_agnostic/AP50": 1.0, "segm_agnostic/AR100": 2.0},
         {"iteration": 20, "segm_agnostic/AP": 3.5, "segm_agnostic/AP50": 7.0, "segm_agnostic/AR100": 9.0}])
-    manifest = {"invocations": [{"command": "python tools/experiments/oap_student_vs_pseudo_masks.py x",
+    manifest = {"invocations": [{"command": "python projects/OAP/experiments/student_vs_pseudo_masks.py x",
                                  "commit": "abcdef0123", "dirty": False, "wall_s": 60.0, "train_wall_s": 30.0}],
                 "eval_images": 50, "train_images": 50, "batch": 4}
     text = exp.write_report(args, manifest)

@@ -207,6 +207,7 @@ def test_unwritable_output_is_one_line_before_work(tools, files, tmp_path, row):
 
 def test_gpu_check_writes_its_report_inside_a_folder(tools, tmp_path, monkeypatch):
     """``--out <folder>``: the report is ``<folder>/gpu_check.md`` (today IsADirectoryError)."""
+    tools["tools/gpu_check.py"].load_gpucheck()  # dev/gpucheck, the package the tool runs
     from gpucheck import correctness
 
     monkeypatch.setattr(correctness, "check_slic", lambda table, device, prof: None)  # the part itself: its own test

@@ -171,12 +171,13 @@ def test_resume_with_another_shape_fails_before_training(tmp_path):
 
 
 def test_demo_loads_the_online_moco_encoder():
-    demo = _tool("demo")
+    from hiseg_cast.demo import encoder_state_dict
+
     online, momentum = torch.ones(2), torch.zeros(2)
     for state in ({"backbone.encoder.w": online, "momentum_backbone.encoder.w": momentum},
                   {"momentum_backbone.encoder.w": momentum, "backbone.encoder.w": online},
                   {"module.momentum_encoder.w": momentum, "module.base_encoder.w": online}):
-        out = demo._encoder_state_dict(state)
+        out = encoder_state_dict(state)
         assert set(out) == {"w"} and out["w"] is online, list(state)
 
 

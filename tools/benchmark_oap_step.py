@@ -18,11 +18,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+import hiseg  # noqa: F401  (before torch and detectron2: it quietens their import-time warnings)
+import torch
 
-import hiseg  # noqa: E402,F401  (before torch and detectron2: it quietens their import-time warnings)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from hiseg_oap.data.synthetic import synthetic_batch
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -40,34 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
-
-
-def blob_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 3, size, size) uint8 pictures of smooth colour blobs (upsampled 6x6 noise)."""
-    low = torch.rand(n, 3, 6, 6, generator=generator)
-    img = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    return (img * 255).to(torch.uint8)
-
-
-def synthetic_batch(batch: int, size: int, crops: int, local: int, generator: torch.Generator):
-    images = blob_images(batch, size, generator)
-    out = []
-    for b in range(batch):
-        boxes, views = [], []
-        for _ in range(crops):
-            side = int(size * (0.05 + 0.35 * float(torch.rand((), generator=generator))) ** 0.5)
-            x0 = int(torch.randint(0, size - side + 1, (), generator=generator))
-            y0 = int(torch.randint(0, size - side + 1, (), generator=generator))
-            boxes.append([x0, y0, x0 + side, y0 + side])
-            crop = images[b:b + 1, :, y0:y0 + side, x0:x0 + side].float()
-            views.append(F.interpolate(crop, size=(local, local), mode="bilinear", align_corners=False)[0])
-        out.append({
-            "image": images[b], "height": size, "width": size,
-            "local_images": torch.stack(views).round().clamp(0, 255).to(torch.uint8),
-            "local_boxes": torch.tensor(boxes, dtype=torch.float32),
-            "local_flips": torch.zeros(crops, dtype=torch.bool),
-        })
-    return out
 
 
 def main(argv=None):

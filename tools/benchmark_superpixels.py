@@ -15,12 +15,9 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "CAST"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load_images(batch: int, size: int, skipped=None):

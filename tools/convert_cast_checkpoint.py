@@ -21,11 +21,7 @@ Checkpoints are read with torch's weights_only unpickler (only argparse.Namespac
 besides tensors and containers); .safetensors files are read with the safetensors package.
 """
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "CAST"))
 
 
 def parse_args(argv=None):

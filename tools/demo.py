@@ -18,7 +18,7 @@ model's class-agnostic instances (``--score-threshold``), semantic clusters and 
 ``MODEL.WEIGHTS`` is a full OAP checkpoint (tools/train_net.py output) or converted DINO weights.
 
 The CAST model is built from the config (``MODEL.CAST.*``) and loads ``MODEL.WEIGHTS`` into the encoder
-when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint). Without weights
+when given (a full detectron2 model, a CAST backbone or a bare encoder checkpoint; ``hiseg_cast.demo``). Without weights
 the model is randomly initialised: its hierarchy then only reflects superpixel colours and
 positions. Images are read by ``hiseg.image_io.read_image``, the reader of every tool (EXIF
 orientation applied; grey, alpha, palette, CMYK and 16-bit images as RGB uint8, 16-bit scaled
@@ -36,13 +36,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from hiseg.cli import ArgumentParser, bounded, check_device, check_output_dir, merge_config, run_cli  # noqa: E402
-from hiseg.errors import CheckpointError  # noqa: E402
-from hiseg.image_io import InputError, read_image  # noqa: E402
+from hiseg.cli import ArgumentParser, bounded, check_device, check_output_dir, merge_config, run_cli
+from hiseg.data.datasets.skimage_images import skimage_image
+from hiseg.image_io import InputError, read_image
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml")
@@ -71,20 +69,6 @@ def expand_inputs(patterns):
         else:
             items.append((pat, pat))  # existence is checked when read, with a clear message
     return items, errors
-
-
-def skimage_image(name: str) -> np.ndarray:
-    """An image shipped with scikit-image (``skimage.data.<name>()``)."""
-    import skimage.data
-
-    fn = getattr(skimage.data, name, None)
-    if name.startswith("_") or not callable(fn):
-        raise InputError(f"skimage:{name}: no such image in skimage.data")
-    try:
-        img = fn()
-    except Exception as e:  # noqa: BLE001  (e.g. needs a download)
-        raise InputError(f"skimage:{name}: could not load ({type(e).__name__}: {e})") from None
-    return np.asarray(img)
 
 
 def prepare_image(img: np.ndarray, max_size: int, name: str) -> np.ndarray:
@@ -121,96 +105,21 @@ def setup_cfg(config_file: str, opts):
     return cfg
 
 
-def _encoder_state_dict(state):
-    """Keys of a full model / backbone / MoCo checkpoint mapped to the encoder's names: anything
-    up to and including the first ``encoder.`` is dropped (``backbone.encoder.``,
-    ``backbone.bottom_up.encoder.``, ``module.base_encoder.``); other keys are kept. A MoCo
-    checkpoint holds two encoders: the online one (ours: ``backbone.encoder.``; the authors':
-    ``module.base_encoder.``) and its momentum copy (``momentum_backbone.encoder.``,
-    ``module.momentum_encoder.``). The online encoder is the one loaded: it is the encoder the
-    authors evaluate and fine-tune (twke18/CAST ``moco-v3/main_lincls_suppix.py`` @344d717 keeps
-    ``module.base_encoder.*`` only), so keys of the momentum copy are dropped and can never
-    overwrite it."""
-    out = {}
-    for k, v in state.items():
-        i = k.find("encoder.")
-        if i >= 0 and "momentum" in k[:i]:
-            continue
-        out[k[i + len("encoder."):] if i >= 0 else k] = v
-    return out
-
-
-def load_encoder_weights(encoder, weights: str, cfg=None):
-    """Load ``weights`` into the encoder (hiseg's safe DetectionCheckpointer); returns
-    (matched, total). With ``cfg``, the config values a converted checkpoint stores are checked
-    as for evaluation (``hiseg.checkpoint.weights_config``): the demo shows the released model."""
-    from hiseg.checkpoint.io import SafeDetectionCheckpointer
-    from hiseg.checkpoint.weights_config import WEIGHTS_CONFIG_KEY, check_weights_config
-
-    class _EncoderCheckpointer(SafeDetectionCheckpointer):
-        matched = 0
-
-        def _load_model(self, checkpoint):
-            meta = checkpoint.pop(WEIGHTS_CONFIG_KEY, None)
-            if meta and cfg is not None:
-                check_weights_config(cfg, meta, weights, evaluating=True, logger=self.logger)
-            state = checkpoint["model"]
-            if isinstance(state.get("state_dict"), dict):  # e.g. MoCo / DeiT training checkpoints
-                state = state["state_dict"]
-            checkpoint["model"] = _encoder_state_dict(state)
-            own = self.model.state_dict()
-            _EncoderCheckpointer.matched = sum(
-                1 for k, v in checkpoint["model"].items()
-                if k in own and tuple(getattr(v, "shape", ())) == tuple(own[k].shape))
-            return super()._load_model(checkpoint)
-
-    ckpt = _EncoderCheckpointer(encoder)
-    ckpt.load(weights, checkpointables=[])
-    total = len(encoder.state_dict())
-    if _EncoderCheckpointer.matched == 0:
-        raise CheckpointError(f"{weights}: no tensor matches the CAST encoder (expected keys like "
-                              f"'blocks.0.attn.qkv.weight', optionally under '...encoder.'); give a CAST "
-                              f"checkpoint (tools/convert_cast_checkpoint.py converts released ones)")
-    return _EncoderCheckpointer.matched, total
-
-
-def build_model(cfg, device: str):
-    """The CAST backbone (random init or ``MODEL.WEIGHTS`` in its encoder), eval mode."""
-    import torch
-    from hiseg_cast.modeling.backbone import build_cast_backbone
-
-    backbone = build_cast_backbone(cfg)
-    if cfg.MODEL.WEIGHTS:
-        matched, total = load_encoder_weights(backbone.encoder, cfg.MODEL.WEIGHTS, cfg)
-        print(f"loaded {matched}/{total} encoder tensors from {cfg.MODEL.WEIGHTS}")
-        if matched < total:
-            print(f"WARNING: {total - matched} encoder tensors were not in the checkpoint and keep their "
-                  "random initialisation (see the checkpointer's log above for their names)")
-    else:
-        print("WARNING: MODEL.WEIGHTS is empty: the CAST encoder is randomly initialised, so its "
-              "hierarchy only reflects the superpixels' colours and positions, not learned semantics.")
-    return backbone.to(torch.device(device)).eval()
-
-
 def is_oap(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE == "OAPSegmentor"
 
 
 def build_oap_model(cfg, device: str):
     """The whole OAP segmenter, ``MODEL.WEIGHTS`` loaded by detectron2's checkpointer, eval mode."""
-    import torch
-    from detectron2.modeling import build_model as d2_build_model
+    from hiseg.checkpoint.io import load_model
 
-    from hiseg.checkpoint.io import SafeDetectionCheckpointer
-
-    model = d2_build_model(cfg.clone()).to(torch.device(device))
+    model = load_model(cfg, cfg.MODEL.WEIGHTS, device)
     if cfg.MODEL.WEIGHTS:
-        SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         print(f"loaded {cfg.MODEL.WEIGHTS}")
     else:
         print("WARNING: MODEL.WEIGHTS is empty: the OAP model is randomly initialised, so its pseudo-masks "
               "follow colours only and its decoder outputs are untrained.")
-    return model.eval()
+    return model
 
 
 def process_oap(model, name, img, args, stem, input_format):
@@ -227,31 +136,6 @@ def process_oap(model, name, img, args, stem, input_format):
     return [out_png]
 
 
-def superpixels_for(backbone, rgb: np.ndarray) -> np.ndarray:
-    from hiseg_cast.superpixels import compute_superpixels, patch_superpixels
-
-    if backbone.tokens == "patch":
-        return patch_superpixels(rgb.shape[0], rgb.shape[1], backbone.patch_size)
-    return compute_superpixels(rgb, backbone.superpixel_cfg)
-
-
-def run_hierarchy(backbone, rgb: np.ndarray, device: str):
-    """(levels (L+1, H, W) int64 numpy, num_segments per level, asked counts per level 1..L)."""
-    import torch
-
-    sp = superpixels_for(backbone, rgb)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None]
-    if backbone.input_format == "BGR":
-        x = x.flip(1)
-    x = x.to(device)
-    x = (x - backbone.pixel_mean) / backbone.pixel_std
-    asked = backbone.test_num_segments or backbone.encoder.num_segments
-    with torch.no_grad():
-        out = backbone.encoder(x, torch.from_numpy(sp)[None].to(device), num_segments=asked)
-    levels = out["hierarchy"][0].cpu().numpy()
-    return levels, out["num_segments"][0].cpu().tolist(), list(asked)
-
-
 # ------------------------------------------------------------------------------------------------
 def unique_stem(name: str, used: set) -> str:
     base = os.path.splitext(os.path.basename(name.rstrip("/")))[0] or "image"
@@ -265,19 +149,14 @@ def unique_stem(name: str, used: set) -> str:
 
 
 def process(backbone, name, img, args, stem):
-    from hiseg.visualization import count_segments, hierarchy_panels, save_label_maps, save_panel_grid
+    from hiseg_cast.demo import hierarchy_pictures
 
     t0 = time.perf_counter()
     rgb = prepare_image(img, args.max_size, name)
-    levels, _, asked = run_hierarchy(backbone, rgb, args.device)
-    present = [count_segments(l) for l in levels]
-    panels = hierarchy_panels(rgb, list(levels), mode=args.color, asked=asked)
-    out_png = save_panel_grid(os.path.join(args.output, f"{stem}_hierarchy.png"), panels,
-                              ncols=args.columns, suptitle=os.path.basename(name))
-    written = [out_png]
-    if args.save_labels:
-        written += save_label_maps(os.path.join(args.output, stem), list(levels), image=rgb,
-                                   extra={"asked": np.array(asked, np.int64)})
+    written, present, asked = hierarchy_pictures(backbone, rgb, os.path.join(args.output, stem), args.device,
+                                                 title=os.path.basename(name), color=args.color,
+                                                 columns=args.columns, save_labels=args.save_labels)
+    out_png = written[0]
     lv = (f"levels {' / '.join(str(n) for n in present[1:])} segments" if len(present) > 1
           else "no pooled levels (MODEL.CAST.POOLING is off)")
     msg = (f"{name}: {rgb.shape[1]}x{rgb.shape[0]}, {present[0]} superpixels, {lv} "
@@ -332,7 +211,9 @@ def main(argv=None) -> int:
         model = build_oap_model(cfg, args.device)
         run_one = lambda name, img, stem: process_oap(model, name, img, args, stem, cfg.INPUT.FORMAT)  # noqa: E731
     else:
-        backbone = build_model(cfg, args.device)
+        from hiseg_cast.demo import build_demo_backbone
+
+        backbone = build_demo_backbone(cfg, args.device)
         run_one = lambda name, img, stem: process(backbone, name, img, args, stem)  # noqa: E731
     os.makedirs(args.output, exist_ok=True)
 

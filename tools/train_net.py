@@ -10,25 +10,22 @@ refuses to run without weights unless ``--eval-random-weights`` asks for a rando
 model on purpose. The request is checked before anything is built (``hiseg.engine.preflight``).
 """
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+import hiseg  # noqa: F401  (before torch and detectron2: it quietens their import-time warnings)
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
 
-import hiseg  # noqa: E402,F401  (before torch and detectron2: it quietens their import-time warnings)
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-
-import hiseg.data  # noqa: E402,F401  (registers datasets)
-from hiseg.cli import merge_config, run_cli  # noqa: E402
-from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_from_cfg  # noqa: E402
-from hiseg_cast import add_cast_config  # noqa: E402
-from hiseg_oap import add_oap_config  # noqa: E402
-from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer  # noqa: E402
-from hiseg.engine.preflight import check_run  # noqa: E402
-from hiseg.engine.trainer import distributed_timeout  # noqa: E402
+import hiseg.data  # noqa: F401  (registers datasets)
+from hiseg.cli import merge_config, run_cli
+from hiseg.data.datasets.imagenet import register_from_cfg as register_imagenet_from_cfg
+from hiseg_cast import add_cast_config
+from hiseg_oap import add_oap_config
+from hiseg.engine import AtomicDetectionCheckpointer, HisegTrainer
+from hiseg.engine.preflight import check_run
+from hiseg.engine.trainer import distributed_timeout
 
 logger = logging.getLogger("hiseg")
 

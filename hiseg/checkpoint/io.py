@@ -28,6 +28,9 @@ under a linear probe, an ImageNet backbone under Mask R-CNN all fill far more th
 That floor is the same for every use; :func:`check_part_filled` then checks the part a run
 uses (the backbone to fine-tune, the whole model to evaluate or resume), which
 ``hiseg.engine.AtomicDetectionCheckpointer`` applies for ``tools/train_net.py``.
+
+:func:`load_model` is the model of a config with a weights file loaded that way, ready for
+inference (the demo, the main job's pictures, the experiments' evaluations).
 """
 import argparse
 import importlib
@@ -53,6 +56,7 @@ __all__ = [
     "check_weights_fit",
     "check_part_filled",
     "SafeDetectionCheckpointer",
+    "load_model",
 ]
 
 #: Python types a checkpoint may hold besides tensors, numbers, strings and containers.
@@ -445,3 +449,17 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         check_weights_fit(self.model, incompatible, path, self.MIN_FILLED)
         return incompatible
+
+
+def load_model(cfg, weights: str = "", device=None) -> torch.nn.Module:
+    """detectron2's ``build_model(cfg)``, moved to ``device`` when given, with ``weights`` loaded
+    by :class:`SafeDetectionCheckpointer` (``""``: the model keeps its initialisation), in eval
+    mode."""
+    from detectron2.modeling import build_model
+
+    model = build_model(cfg)
+    if device is not None:
+        model = model.to(torch.device(device))
+    if weights:
+        SafeDetectionCheckpointer(model).load(weights)
+    return model.eval()

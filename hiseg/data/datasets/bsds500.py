@@ -21,6 +21,8 @@ Registered (lazily; see :mod:`hiseg.data`):
   ``bsds500_bench_sample`` (the 5 images of the official benchmark's ``bench/data``, whose
   reference outputs are used by the tests).
 
+:func:`bsds500_val` finds the val set at hand: the datasets root's, else the shared one.
+
 Dataset dicts: ``file_name``, ``image_id`` (the id string, e.g. ``"100007"``), ``height``,
 ``width``, ``bsds_gt_file`` (path of the ``.mat``). Metadata: ``evaluator_type =
 "bsds_hierarchical"`` (see :class:`hiseg.evaluation.HierarchicalSegEvaluator`), ``image_root``,
@@ -49,6 +51,7 @@ __all__ = [
     "load_bsds_ground_truth",
     "load_bsds_ground_truth_mat",
     "npz_path_for",
+    "bsds500_val",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +187,22 @@ def register_bsds500_shared(shared=None, overwrite: bool = False) -> List[str]:
     if _register("bsds500_bench_sample", bench / "images", bench / "groundTruth", overwrite):
         done.append("bsds500_bench_sample")
     return done
+
+
+def bsds500_val(name: Optional[str] = None) -> Tuple[str, List[dict]]:
+    """``(dataset name, dicts sorted by image id)`` of BSDS500 val: ``name``, else the first of
+    ``bsds500_val`` / ``bsds500_val_shared`` whose files exist; ``FileNotFoundError`` when none
+    does."""
+    from detectron2.data import DatasetCatalog
+
+    names = [name] if name else ["bsds500_val", "bsds500_val_shared"]
+    for n in names:
+        if n in DatasetCatalog.list():
+            try:
+                return n, sorted(DatasetCatalog.get(n), key=lambda d: str(d["image_id"]))
+            except FileNotFoundError:
+                continue
+    raise FileNotFoundError(f"no BSDS500 val set found (tried {names}); set DETECTRON2_DATASETS or HISEG_SHARED_DATA")
 
 
 def register_all(root=None, overwrite: bool = False) -> List[str]:

@@ -3,15 +3,18 @@
 Unlabelled; used by the main job and the demos as built-in training / picture data that needs no
 download. Text, synthetic and binary images of ``skimage.data`` are left out.
 ``skimage_instances_{train,val}``: the same images as a 16-class classification set (one class
-per image), for quick classification runs and tests.
+per image), for quick classification runs and tests. :func:`skimage_image`: any image of
+``skimage.data`` by name (the demo's ``--skimage``).
 """
 import os
 
-from hiseg.image_io import image_size
+import numpy as np
+
+from hiseg.image_io import InputError, image_size
 
 from .common import register_lazy
 
-__all__ = ["register_all", "SKIMAGE_NATURAL", "load_skimage_images", "load_skimage_instances"]
+__all__ = ["register_all", "SKIMAGE_NATURAL", "load_skimage_images", "load_skimage_instances", "skimage_image"]
 
 SKIMAGE_NATURAL = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png",
                    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg",
@@ -37,6 +40,20 @@ def load_skimage_images():
 
 def load_skimage_instances():
     return [dict(d, label=SKIMAGE_NATURAL.index(os.path.basename(d["file_name"]))) for d in load_skimage_images()]
+
+
+def skimage_image(name: str) -> np.ndarray:
+    """An image shipped with scikit-image (``skimage.data.<name>()``)."""
+    import skimage.data
+
+    fn = getattr(skimage.data, name, None)
+    if name.startswith("_") or not callable(fn):
+        raise InputError(f"skimage:{name}: no such image in skimage.data")
+    try:
+        img = fn()
+    except Exception as e:  # noqa: BLE001  (e.g. needs a download)
+        raise InputError(f"skimage:{name}: could not load ({type(e).__name__}: {e})") from None
+    return np.asarray(img)
 
 
 def register_all(root=None, overwrite=False):

@@ -12,13 +12,6 @@ Prints a Markdown table (masks per image, segm / bbox AP, AP50, AR100) sorted as
 import argparse
 import contextlib
 import io
-import os
-import sys
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-for _p in (REPO, os.path.join(REPO, "projects", "OAP")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 
 def main(argv=None):

@@ -2,7 +2,8 @@
 
 :func:`train_for_budget` trains one config in one run folder with :class:`BudgetTrainer` (the
 project's :class:`~hiseg.engine.HisegTrainer`: its model, optimizer, data loader, atomic
-checkpointer and ``run_step``), and replaces the iteration schedule by one on the budget:
+checkpointer and ``run_step``; a subclass passed as ``trainer_cls`` may change how the model is
+built), and replaces the iteration schedule by one on the budget:
 
 * **what is timed**: each training step from before its data is loaded to after the optimizer
   step (data loading and augmentation, CAST's superpixels included, forward, backward, update);
@@ -35,7 +36,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Type
 
 import torch
 from detectron2.engine import HookBase
@@ -45,9 +46,9 @@ from detectron2.utils.events import EventStorage
 from hiseg.engine import HisegTrainer
 from hiseg.utils.atomic_io import atomic_write
 
-__all__ = ["BudgetSpec", "WallClockBudget", "BudgetTrainer", "train_for_budget", "moco_v3_lr_factor",
-           "read_steps", "read_run", "STEP_FIELDS", "LAST", "RUN_JSON", "STEPS_CSV", "point_path",
-           "freeze_vit_patch_projection"]
+__all__ = ["BudgetSpec", "CallLimits", "WallClockBudget", "BudgetTrainer", "train_for_budget",
+           "moco_v3_lr_factor", "read_steps", "read_run", "STEP_FIELDS", "LAST", "RUN_JSON", "STEPS_CSV",
+           "point_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,19 +226,6 @@ class WallClockBudget(HookBase):
                              f"({100 * frac:g}% of the budget) at iteration {rec['iteration']}")
 
 
-def freeze_vit_patch_projection(model) -> bool:
-    """MoCo-v3's stop-gradient on the ViT's patch projection (``--stop-grad-conv1``: weight and
-    bias frozen at their random initialisation), the counterpart of CAST's
-    ``MODEL.CAST.FROZEN_STEM_CONV1``. Returns whether a ViT projection was found."""
-    backbone = getattr(_unwrap(model), "backbone", None)
-    vit = getattr(backbone, "vit", None)
-    if vit is None or not hasattr(vit, "patch_embed"):
-        return False
-    for p in vit.patch_embed.proj.parameters():
-        p.requires_grad_(False)
-    return True
-
-
 class BudgetTrainer(HisegTrainer):
     """HisegTrainer whose only hook is a :class:`WallClockBudget` and whose loop ends when the
     budget is spent (or the call pauses), not at ``SOLVER.MAX_ITER``."""
@@ -247,13 +235,6 @@ class BudgetTrainer(HisegTrainer):
         super().__init__(cfg)
         # the per-group LRs the schedule scales (set by the LR scheduler's construction)
         budget_hook.base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
-
-    @classmethod
-    def build_model(cls, cfg):
-        model = super().build_model(cfg)
-        if cfg.MODEL.CAST.FROZEN_STEM_CONV1:  # the same MoCo-v3 flag for the ViT baseline
-            freeze_vit_patch_projection(model)
-        return model
 
     def build_hooks(self):
         return [self._budget_hook]
@@ -316,14 +297,15 @@ def _resume_iteration(run_dir: str) -> int:
 
 
 def train_for_budget(cfg, run_dir: str, spec: BudgetSpec, limits: CallLimits, run_info: Optional[dict] = None,
-                     session_info: Optional[dict] = None, ready: Optional[Callable[[], None]] = None) -> dict:
+                     session_info: Optional[dict] = None, ready: Optional[Callable[[], None]] = None,
+                     trainer_cls: Type[BudgetTrainer] = BudgetTrainer) -> dict:
     """Train ``cfg`` in ``run_dir`` until ``spec.budget_s`` of training time is spent (see the
     module docstring); returns the run record (also in ``run.json``): ``spec``, ``status``
     (``done`` / ``paused``), ``iterations``, ``elapsed_s``, ``points`` and one ``sessions``
     entry per call (iterations, time spent, wall time, threads, plus ``session_info``), with
     ``run_info`` merged in. A finished run is only read back. ``ready`` is called once the
     trainer is built and resumed, right before the first step (runs that train side by side wait
-    for each other there)."""
+    for each other there). ``trainer_cls`` is :class:`BudgetTrainer` or a subclass of it."""
     os.makedirs(run_dir, exist_ok=True)
     info = read_run(run_dir)
     spec_d = asdict(spec)
@@ -352,7 +334,7 @@ def train_for_budget(cfg, run_dir: str, spec: BudgetSpec, limits: CallLimits, ru
     with atomic_write(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     hook = WallClockBudget(spec, limits, run_dir)
-    trainer = BudgetTrainer(cfg, hook)
+    trainer = trainer_cls(cfg, hook)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter != start:
         raise RuntimeError(f"{run_dir}: resume checkpoint says iteration {start}, trainer {trainer.start_iter}")

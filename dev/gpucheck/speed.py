@@ -19,9 +19,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import ERROR, SKIP, Budget, Measured, Report, Timer, alternate, autocast, error_text, goal_status, \
-    mib, ms, pct, precision_name, train_step
-from .correctness import build_cfg, normalize, oap_batch, sample_images
+from hiseg.benchmark import Measured, Sync, Timer, alternate, normalize
+from hiseg.utils.markdown import mib, ms, pct
+
+from .budget import Budget
+from .correctness import build_cfg, oap_batch, sample_images
+from .precision import autocast, precision_name, train_step
+from .report import ERROR, SKIP, Report, error_text, goal_status
 
 GOAL_CAST_RATIO = 0.75
 GOAL_FPS_SHARE = 0.10
@@ -68,8 +72,9 @@ class CastTables:
             "CAST per-part time (ms per batch; instrumented pass)",
             ("model", "precision", "superpixels", "conv stem", "segment tokens", "blocks (per level)",
              "graph pool (per level)", "FPS (per level)", "other", "total (instrumented)"),
-            intro="Forward hooks synchronise before and after every part (tools/benchmark.py's PartTimer), so the "
-                  "total is a little above the un-instrumented CAST time; superpixels: the alternating median.")
+            intro="Forward hooks synchronise before and after every part (hiseg_cast.benchmark's PartTimer, as in "
+                  "tools/benchmark.py), so the total is a little above the un-instrumented CAST time; superpixels: the "
+                  "alternating median.")
 
 
 def _parts_row(tables: CastTables, model_name: str, prec: str, parts: Dict, sp_s: float, enc):
@@ -92,8 +97,9 @@ def _parts_row(tables: CastTables, model_name: str, prec: str, parts: Dict, sp_s
 
 def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dtype, budget: Budget,
                       allot_s: float) -> None:
-    import benchmark
     from timm.models.vision_transformer import VisionTransformer
+
+    from hiseg_cast.benchmark import time_parts
 
     from hiseg_cast.modeling.backbone import encoder_from_cfg
     from hiseg_cast.superpixels.torch_slic import slic_torch
@@ -149,8 +155,8 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
             sp_share = sp / cast_sp
             tables.sp.add(m.cast_name, prec, ms(sp), ms(cast_sp), pct(sp_share), goal_status(sp_share, GOAL_SP_SHARE))
             with autocast(device, dtype):
-                parts = benchmark.time_parts(enc, x, sp_fixed, iters=1 if device.type == "cpu" else 3, warmup=1,
-                                             sync=benchmark._Sync(device))
+                parts = time_parts(enc, x, sp_fixed, iters=1 if device.type == "cpu" else 3, warmup=1,
+                                   sync=Sync(device))
             _parts_row(tables, m.cast_name, prec, parts, sp, enc)
         except Exception as exc:  # noqa: BLE001
             tables.ratio.add(m.label, prec, *["-"] * 5, f"{ERROR}: {error_text(exc)}", *["-"] * 4)
@@ -163,8 +169,8 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
 # ------------------------------------------------------------------------------------------------
 # OAP vs MaskCut
 def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
-    import benchmark_oap
     from hiseg_oap.pooling import build_vit, vit_key_features
+    from hiseg_oap.pooling.benchmark import random_features, structured_features
 
     n, c, h, w = prof.oap_speed
     patch, dim, depth, heads = prof.oap_vit
@@ -182,8 +188,8 @@ def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
     return {
         f"ViT-B/8 keys (random init) of {prof.oap_image_size}x{prof.oap_image_size} pictures"
         if dim == 768 and patch == 8 else f"ViT/{patch} keys ({dim}-d, random init)": vit_keys,
-        "structured synthetic scenes": lambda: benchmark_oap.structured_features(n, c, h, w, seed=0).to(device),
-        "i.i.d. random (OAP's worst case)": lambda: benchmark_oap.random_features(n, c, h, w, seed=0).to(device),
+        "structured synthetic scenes": lambda: structured_features(n, c, h, w, seed=0).to(device),
+        "i.i.d. random (OAP's worst case)": lambda: random_features(n, c, h, w, seed=0).to(device),
     }
 
 
@@ -265,7 +271,8 @@ def speed_oap_step(report: Report, device: torch.device, prof, amp: torch.dtype,
         f"OAP's share of one OAPSegmentor training step, batch {prof.step_batch}",
         ("precision", "views", "step s", "teacher s (encoder + OAP + head)", "OAP s", "OAP share",
          f"goal <= {pct(GOAL_OAP_STEP_SHARE)}", "peak mem", "instance targets / view", "timed steps"),
-        intro=f"`{prof.step_config}` (random weights), synthetic multi-crop batches (tools/benchmark_oap_step.py): "
+        intro=f"`{prof.step_config}` (random weights), synthetic multi-crop batches (hiseg_oap.data.synthetic, as in "
+              f"tools/benchmark_oap_step.py): "
               f"{prof.step_batch} global views {prof.step_size}x{prof.step_size} + {prof.step_local_crops} local "
               f"views {prof.step_local_size}x{prof.step_local_size} each. Step = teacher EMA + teacher encoder + "
               "OAP + student + losses + backward + AdamW (with the config's clipping); the teacher and OAP "

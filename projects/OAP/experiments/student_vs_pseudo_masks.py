@@ -1,7 +1,11 @@
+#!/usr/bin/env python
 """Does the OAP student surpass its own pseudo-masks? (docs/oap_student_vs_pseudo_masks.md)
 
+    python projects/OAP/experiments/student_vs_pseudo_masks.py \
+        --vit-weights output/cast_vs_vit/runs/vit_s0/point_5.pth --iters 400
+
 OAP's central claim (Sec. 1, Sec. 5, Table 1 vs Table 2) is that the universal segmenter trained
-on the teacher's online OAP pseudo-masks segments better than those pseudo-masks do. This module
+on the teacher's online OAP pseudo-masks segments better than those pseudo-masks do. This script
 tests it at a 2-core CPU's scale, class-agnostically on the local COCO val images:
 
 1. ``init``: a pre-trained ViT (by default the MoCo-v3 ViT of the CAST vs ViT experiment,
@@ -23,7 +27,9 @@ tests it at a 2-core CPU's scale, class-agnostically on the local COCO val image
    ``manifest.json`` keeps every invocation (command, commit, wall time).
 
 Every step is skipped when its output exists, so re-running the command resumes (training
-resumes from its last checkpoint with ``--resume``).
+resumes from its last checkpoint with ``--resume``). The steps run the repository's tools
+(``tools/generate_pseudo_masks.py``, ``tools/train_net.py``) as sub-commands: this script lives
+beside the OAP project, outside the installed packages.
 """
 import argparse
 import json
@@ -38,11 +44,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+import hiseg  # noqa: F401  (before torch and detectron2: it quietens their import-time warnings)
 from hiseg.checkpoint.io import read_checkpoint
 from hiseg.checkpoint.prefixes import find_vit_prefix
 from hiseg.errors import CheckpointError, UserError
-from hiseg.paths import REPO_ROOT, repo_relative
-from hiseg.provenance import git_state, machine_description, read_json
+from hiseg.paths import repo_relative
+from hiseg.provenance import Manifest, machine_description, read_json
 from hiseg.utils.atomic_io import atomic_write, atomic_write_json
 
 __all__ = [
@@ -51,6 +58,8 @@ __all__ = [
     "parse_args", "main",
 ]
 
+#: the checkout this script belongs to (its tools run as sub-commands)
+REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 DEFAULT_CONFIG = "configs/OAP/experiments/oap_vit_small_coco_cpu.yaml"
 DEFAULT_OUT = "output/oap_student_vs_pseudo_masks"
 #: the class-agnostic evaluator's keys that the table reports (segm: masks)
@@ -195,7 +204,7 @@ def _run(cmd: List[str], log_path: str, threads: int, what: str) -> float:
 
 
 def _tool(name: str) -> str:
-    path = os.path.join(str(REPO_ROOT), "tools", name)
+    path = os.path.join(REPO, "tools", name)
     if not os.path.isfile(path):
         raise ExperimentError(f"{path} not found: run the experiment from a checkout of the repository")
     return path
@@ -416,12 +425,11 @@ def _cfg(args):
 def main(argv=None, command: Optional[str] = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    command = command or "python tools/experiments/oap_student_vs_pseudo_masks.py " + shlex.join(argv)
+    command = command or "python projects/OAP/experiments/student_vs_pseudo_masks.py " + shlex.join(argv)
     os.makedirs(args.out, exist_ok=True)
-    t_start = time.perf_counter()
-    inv = {"command": command, **git_state(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    mpath = os.path.join(args.out, "manifest.json")
-    manifest = read_json(mpath) or {"invocations": []}
+    record = Manifest(os.path.join(args.out, "manifest.json"))
+    inv = record.start(command)
+    manifest = record.data
     old = manifest.get("settings")
     settings = {"iters": args.iters, "points": args.points, "seed": args.seed, "config_file": args.config_file,
                 "opts": list(args.opts), "pseudo_input_size": args.pseudo_input_size}
@@ -482,9 +490,13 @@ def main(argv=None, command: Optional[str] = None) -> str:
         inv["failed"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         raise
     finally:
-        inv.update(wall_s=round(time.perf_counter() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        manifest["invocations"].append(inv)
-        atomic_write_json(mpath, manifest, indent=1)
+        record.finish(inv)
     text = write_report(args, manifest)
     print(text, flush=True)
     return text
+
+
+if __name__ == "__main__":
+    from hiseg.cli import script_main
+
+    script_main(main, result_is_status=False)  # a bad argument or file: one error line, exit status 2

@@ -24,7 +24,8 @@ from typing import Dict, List
 
 import torch
 
-from .common import ERROR, SKIP, Report, error_text, precision_name, train_step
+from .precision import precision_name, train_step
+from .report import ERROR, SKIP, Report, error_text
 from .correctness import build_cfg, moco_batch, oap_batch, sample_images, semantic_batch
 
 COLUMNS = ("family", "command", "config", "images per GPU per forward", "precision", "activation checkpointing",

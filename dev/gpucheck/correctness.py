@@ -20,8 +20,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .common import ERROR, FAIL, INFO, PASS, REPO, SKIP, Table, autocast, error_text, precision_name, rel_err, \
-    strict_fp32
+from hiseg.benchmark import normalize
+
+from . import REPO
+from .precision import autocast, precision_name, rel_err, strict_fp32
+from .report import ERROR, FAIL, INFO, PASS, SKIP, Table, error_text
 
 COLUMNS = ("check", "status", "measured", "tolerance", "why this tolerance")
 
@@ -54,18 +57,10 @@ def build_cfg(config_file: str, opts: Sequence[str], device) -> "object":
 
 
 def sample_images(n: int, size: int) -> torch.Tensor:
-    """(n, 3, size, size) uint8 RGB: scikit-image's sample pictures (tools/benchmark.py)."""
-    import benchmark
+    """(n, 3, size, size) uint8 RGB: scikit-image's sample pictures (``hiseg_cast.benchmark``)."""
+    from hiseg_cast.benchmark import sample_batch
 
-    return torch.from_numpy(benchmark.sample_batch(n, size)).permute(0, 3, 1, 2).contiguous()
-
-
-def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    import benchmark
-
-    mean = torch.from_numpy(benchmark.MEAN).view(1, 3, 1, 1)
-    std = torch.from_numpy(benchmark.STD).view(1, 3, 1, 1)
-    return ((images_u8.float() - mean.to(images_u8.device)) / std.to(images_u8.device)).contiguous()
+    return torch.from_numpy(sample_batch(n, size)).permute(0, 3, 1, 2).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,12 +151,12 @@ def _first_problem(results_a, results_b, atol) -> Optional[str]:
 
 
 def check_oap(table: Table, device: torch.device, prof) -> None:
-    import benchmark_oap
     from hiseg_oap.pooling import OAPConfig, oap_fast, oap_reference
+    from hiseg_oap.pooling.benchmark import random_features, structured_features
 
     cfg = OAPConfig()
-    xs = benchmark_oap.structured_features(*prof.oap_structured, seed=0)
-    xr = benchmark_oap.random_features(*prof.oap_random, seed=1)
+    xs = structured_features(*prof.oap_structured, seed=0)
+    xr = random_features(*prof.oap_random, seed=1)
     shape = lambda x: "x".join(str(v) for v in x.shape)  # noqa: E731
     ref_s, ref_r = oap_reference(xs, cfg), oap_reference(xr, cfg)
 
@@ -410,9 +405,9 @@ def semantic_batch(sizes, num_classes: int, ignore: int) -> List[Dict]:
 
 
 def oap_batch(n: int, size: int, crops: int, local: int, seed: int = 0) -> List[Dict]:
-    import benchmark_oap_step
+    from hiseg_oap.data.synthetic import synthetic_batch
 
-    return benchmark_oap_step.synthetic_batch(n, size, crops, local, torch.Generator().manual_seed(seed))
+    return synthetic_batch(n, size, crops, local, torch.Generator().manual_seed(seed))
 
 
 def _one_step(model, optimizer, batch, device, dtype, seed=0) -> Dict:

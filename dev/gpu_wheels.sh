@@ -3,20 +3,22 @@
 # wheels that such a machine's image usually lacks for tools/gpu_check.py into .gpu_site/
 # (git-ignored), and a stamp with this checkout's commit (for a copy of the checkout without .git).
 #
-#   bash tools/gpu_wheels.sh        # with network; again after changing the checkout (seconds)
+#   bash dev/gpu_wheels.sh          # with network; again after changing the checkout (seconds)
 #
 # The image is assumed to have Python 3.12 with torch, torchvision, timm, scipy, scikit-image,
 # opencv-python-headless, numpy, pyyaml, tqdm, tabulate, portalocker, cloudpickle, Pillow,
 # matplotlib, packaging, typing-extensions and pytest, but not:
 #   * detectron2: its v0.6 Python sources (the pb1-detectron2 sdist), patched exactly as
-#     tools/install_deps.py patches them (its functions do it), built into a py3-none-any wheel;
+#     setup.sh patches them (dev/detectron2_install.py does it), built into a py3-none-any wheel;
 #   * pycocotools: a cp312 manylinux wheel (C extension);
 #   * fvcore, iopath, antlr4-python3-runtime: sdists only on PyPI, built here into py3-none-any
 #     wheels (pure Python);
 #   * yacs, termcolor, omegaconf, hydra-core, panopticapi-lite: pure-Python wheels.
 # Versions are those installed in this checkout's environment (the ones the suite runs with),
-# else the pins below. On the GPU machine, from the copied checkout:
+# else the pins below. On the GPU machine, from the copied checkout (this project is not
+# installed there: its packages come from the checkout through PYTHONPATH):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_site/*.whl
+#   PYTHONPATH=/tmp/site:$PWD:$PWD/projects/CAST:$PWD/projects/OAP python3 tools/gpu_check.py
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
@@ -58,15 +60,14 @@ for spec in "iopath|iopath|0.1.10" "fvcore|fvcore|0.1.5.post20221221" \
 done
 
 if ! have "detectron2-0.6-py3-none-any.whl"; then
-  echo "[gpu_wheels] build detectron2 0.6 (pure Python, patched by tools/install_deps.py)"
+  echo "[gpu_wheels] build detectron2 0.6 (pure Python, patched by dev/detectron2_install.py)"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  "$py" - "$work" <<'EOF'
+  PYTHONPATH="$root/dev" "$py" - "$work" <<'EOF'
 import sys, tarfile
 from pathlib import Path
 
-sys.path.insert(0, "tools")
-import install_deps as d  # the set-up's own download (sha256-checked) and patch
+import detectron2_install as d  # the set-up's own download (sha256-checked) and patch
 
 work = Path(sys.argv[1])
 sdist = d.fetch_d2_sdist(d.PREFIX / "src")  # reuses the set-up's cached sdist when present

@@ -1,1 +1,0 @@
-"""Documented experiments of the OAP project (run as commands, not in CI)."""
