@@ -71,6 +71,6 @@ class Manifest:
         self.write()
 
     def write(self) -> None:
-        from .data.datasets.common import atomic_write_json
+        from .utils.atomic_io import atomic_write_json
 
         atomic_write_json(self.path, self.data, indent=1)

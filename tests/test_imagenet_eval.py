@@ -153,7 +153,7 @@ class EfficientNetLite0Classifier(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        from hiseg_oap.pooling import build_efficientnet_lite0
+        from hiseg.modeling.efficientnet_lite0 import build_efficientnet_lite0
 
         # the package's ImageNet weights, eval mode; channels-last: about 1.5x faster on a CPU
         self.net = build_efficientnet_lite0().to(memory_format=torch.channels_last)

@@ -9,9 +9,10 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_cc
 
+from hiseg.modeling.vit import make_timm_vit
 from hiseg_oap.pooling import (
-    MaskCutConfig, OAPConfig, build_vit, connected_components, generate_pseudo_masks, maskcut,
-    oap_fast, oap_reference, vit_key_features,
+    MaskCutConfig, OAPConfig, connected_components, generate_pseudo_masks, maskcut, oap_fast, oap_reference,
+    vit_key_features,
 )
 
 F64 = torch.float64
@@ -325,7 +326,7 @@ def test_maskcut_two_objects():
 @pytest.mark.parametrize("patch,img", [(8, (40, 56)), (14, (42, 70))])
 def test_vit_key_features_and_pipeline(patch, img):
     torch.manual_seed(0)
-    vit = build_vit(patch_size=patch, embed_dim=48, depth=2, num_heads=4).eval()
+    vit = make_timm_vit(patch_size=patch, embed_dim=48, depth=2, num_heads=4).eval()
     images = torch.randn(2, 3, *img)
     keys = vit_key_features(vit, images)
     h, w = img[0] // patch, img[1] // patch

@@ -177,7 +177,7 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     predictions on the wrong place score 0."""
     import numpy as np
 
-    from hiseg_oap.pseudo_label_io import masks_to_results, write_results
+    from hiseg_oap.pseudo_labels import masks_to_results, write_results
 
     masks = np.zeros((2, 32, 40), dtype=bool)
     masks[0, 2:12, 3:15] = True
@@ -197,7 +197,7 @@ def test_agreement_scores_the_segmenter_against_the_pseudo_masks(tmp_path):
     m = exp.agreement_with_pseudo_masks(str(tmp_path / "wrong.json"), str(tmp_path / "pseudo.json"),
                                         str(tmp_path / "images.json"), str(tmp_path / "agree2.json"))
     assert m["AP"] == pytest.approx(0.0)
-    from hiseg_oap.pseudo_label_io import encode_mask
+    from hiseg_oap.pseudo_labels import encode_mask
 
     empty = wrong + [dict(same[0], score=0.99, segmentation=encode_mask(np.zeros((32, 40), bool)))]
     (tmp_path / "empty.json").write_text(json.dumps(empty))

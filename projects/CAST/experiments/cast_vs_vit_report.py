@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from hiseg.data.datasets.common import atomic_write, atomic_write_json
+from hiseg.utils.atomic_io import atomic_write, atomic_write_json
 from hiseg.engine.budget import read_run, read_steps
 from hiseg.utils.markdown import duration, mean_sd_cell
 

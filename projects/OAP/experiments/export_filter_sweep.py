@@ -15,8 +15,8 @@ import io
 
 
 def main(argv=None):
-    from hiseg_oap.pseudo_label_io import (evaluate_results, filter_results, load_ground_truth, load_results,
-                                     mask_area_fraction, parse_level_specs, resolve_levels)
+    from hiseg_oap.pseudo_labels import (evaluate_results, filter_results, load_ground_truth, load_results,
+                                         mask_area_fraction, parse_level_specs, resolve_levels)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="unfiltered results JSON of generate_pseudo_masks.py --levels all")

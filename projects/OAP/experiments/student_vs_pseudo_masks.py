@@ -264,13 +264,13 @@ def agreement_with_pseudo_masks(segmenter_results: str, pseudo_results: str, ima
     out (their number is recorded). Written to ``out_json``; returns the mask metrics."""
     from pycocotools import mask as mask_util
 
-    from hiseg_oap.pseudo_label_io import _rle_for_api, evaluate_results, load_results, results_to_coco_dataset
+    from hiseg_oap.pseudo_labels import evaluate_results, load_results, results_to_coco_dataset, rle_for_api
 
     with open(images_json) as f:
         images = json.load(f)["images"]
     with open(segmenter_results) as f:
         predictions = json.load(f)
-    kept = [r for r in predictions if mask_util.area(_rle_for_api(r["segmentation"])) > 0]
+    kept = [r for r in predictions if mask_util.area(rle_for_api(r["segmentation"])) > 0]
     pseudo_gt = results_to_coco_dataset(load_results(pseudo_results), images)
     metrics = evaluate_results(kept, pseudo_gt, image_ids=[im["id"] for im in images], tasks=("segm",))
     atomic_write_json(out_json, {"max_dets": 100, "segmenter": segmenter_results, "ground_truth": pseudo_results,

@@ -10,13 +10,12 @@ Typical use::
     layer = results[0].layers[-1]
     masks = layer.instance.upsample(images.shape[-2:])
 
-See ``docs/oap_pooling.md``.
+The ViT is :func:`hiseg.modeling.vit.make_timm_vit`; a pretrained CNN feature source is
+:mod:`hiseg.modeling.efficientnet_lite0`. Pseudo-mask files (COCO results) are made by
+:mod:`hiseg_oap.pseudo_labels`. See ``docs/oap_pooling.md``.
 """
 from .fast import connected_components, grid_edges, oap_fast
-from .features import (
-    EfficientNetLite0, EfficientNetLite0Features, build_efficientnet_lite0, build_efficientnet_lite0_features,
-    build_vit, efficientnet_lite0_weights_path, flatten_normalized, vit_key_features,
-)
+from .features import flatten_normalized, vit_key_features
 from .generators import (
     OAP_VARIANTS, MaskCutGenerator, OAPGenerator, UniAPGenerator, build_generator, build_oap_generator,
     generate_pseudo_masks,
@@ -30,9 +29,7 @@ __all__ = [
     "OAPConfig", "UniAPConfig", "MaskCutConfig", "MaskLevel", "OAPLayer", "PseudoMasks", "first_unique_rows",
     "oap_fast", "oap_reference", "uniap_fast", "uniap_reference", "maskcut", "normalized_cut",
     "connected_components", "grid_edges", "grid_adjacency",
-    "flatten_normalized", "vit_key_features", "build_vit",
-    "EfficientNetLite0", "EfficientNetLite0Features", "build_efficientnet_lite0",
-    "build_efficientnet_lite0_features", "efficientnet_lite0_weights_path",
+    "flatten_normalized", "vit_key_features",
     "OAPGenerator", "UniAPGenerator", "MaskCutGenerator", "OAP_VARIANTS", "build_generator",
     "build_oap_generator", "generate_pseudo_masks",
 ]

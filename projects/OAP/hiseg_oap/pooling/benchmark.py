@@ -76,7 +76,9 @@ def efficientnet_image_features(paths: Sequence[str], size: int = 448,
     stride 8, 56 x 56). ``size`` must be a multiple of the coarsest layer's stride."""
     from hiseg.image_io import read_image
 
-    from .features import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, build_efficientnet_lite0_features
+    from hiseg.modeling.efficientnet_lite0 import (
+        EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, build_efficientnet_lite0_features,
+    )
 
     model = build_efficientnet_lite0_features(*([tuple(layers)] if layers else []))
     if size % model.max_stride:
