@@ -1,10 +1,6 @@
-"""Hand-derived expectations, script loading and temporary dataset registration shared by the
-evaluator and dataset tests."""
+"""Hand-derived expectations and temporary dataset registration shared by the evaluator and
+dataset tests."""
 import contextlib
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
@@ -19,15 +15,6 @@ def registered_dataset(name, loader, **metadata):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-
-
-def load_script(name):
-    """Import ``datasets/<name>.py`` as a module (the folder is not a package)."""
-    path = REPO / "datasets" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_hiseg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def expected_pq(gt_json, moved_from=None, moved_to=None, categories=None):

@@ -1,9 +1,63 @@
-"""Helpers shared by the tests: the config of every project, the experiment scripts."""
+"""Helpers shared by the tests: the repository root, the config of every project, and loading the
+scripts that are not packages (entry points, prepare scripts, dev plumbing, experiments)."""
 import importlib
+import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+_LOADED = itertools.count()
+
+
+def load_file(path, prefix: str = "_hiseg_test"):
+    """The Python file ``path`` (absolute, or relative to the repository root) executed as a new
+    module. Every call runs the file again under a name of its own (``<prefix>_<stem>_<n>``), not
+    entered in ``sys.modules``: two loads never share module state."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = REPO / path
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{path.stem}_{next(_LOADED)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_tool(name: str):
+    """The entry point ``tools/<name>.py`` as a module (``main(argv)``, its parser, its helpers)."""
+    return load_file(REPO / "tools" / f"{name}.py", "_hiseg_tool")
+
+
+def load_script(name: str):
+    """The prepare script ``datasets/<name>.py`` as a module (the folder is not a package)."""
+    return load_file(REPO / "datasets" / f"{name}.py", "_hiseg_script")
+
+
+def load_dev(name: str):
+    """The development script ``dev/<name>.py`` as a module."""
+    return load_file(REPO / "dev" / f"{name}.py", "_hiseg_dev")
+
+
+def run_captured(main, argv):
+    """(exit status, stdout, stderr) of ``hiseg.cli.run_cli(main, argv)`` run in this process."""
+    import contextlib
+    import io
+
+    from hiseg.cli import run_cli
+
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        rc = run_cli(main, [str(a) for a in argv])
+    return rc, so.getvalue(), se.getvalue()
+
+
+def error_line(stderr):
+    """The one ``error:`` line of a failed run (and there is exactly one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
 
 
 def add_all_configs(cfg):
@@ -27,9 +81,4 @@ def experiment(project: str, name: str):
 def gpucheck():
     """The GPU check's package ``dev/gpucheck`` as ``gpucheck``, loaded as ``tools/gpu_check.py``
     loads it (so that ``from gpucheck import ...`` gives the modules the tool runs)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_gpu_check_tool", REPO / "tools" / "gpu_check.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.load_gpucheck()
+    return load_tool("gpu_check").load_gpucheck()

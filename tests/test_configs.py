@@ -1,14 +1,13 @@
 """Every yaml under configs/ loads (with detectron2 v0.6 or main) and builds a model."""
-from pathlib import Path
 
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from helpers import add_all_configs
+from helpers import REPO, add_all_configs
 
-CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted(str(p) for p in (REPO / "configs").rglob("*.yaml"))
 TINY = ["MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", 48, "MODEL.CAST.NUM_HEADS", 4,
         "MODEL.CAST.DEPTHS", [1, 1, 1, 1], "MODEL.VIT.EMBED_DIM", 48, "MODEL.VIT.NUM_HEADS", 4,
         "MODEL.VIT.DEPTH", 4]

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_bad_inputs import _error_line, _run, _tool  # run_cli in-process, the one error line
+from helpers import REPO, error_line, load_tool, run_captured  # run_cli in-process, the one error line
 
-REPO = Path(__file__).resolve().parents[1]
 MOCO_QUICK = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
 RCNN_QUICK = "configs/CAST/quick/mask_rcnn_cast_tiny_coco_sample_cpu.yaml"
 CLS_AGNOSTIC_QUICK = "configs/CAST/quick/mask_rcnn_cast_tiny_cls_agnostic_cpu.yaml"
@@ -110,11 +109,11 @@ def test_every_dataset_checked_before_training(tiny_coco, tmp_path):
     hiseg.data.register_all(str(empty_root), overwrite=True)
     try:
         want = empty_root / "coco" / "annotations" / "coco_cls_agnostic_instances_val2017.json"
-        rc, _, err = _run(_tool("train_net").cli, [
+        rc, _, err = run_captured(load_tool("train_net").cli, [
             "--config-file", MOCO_QUICK, "DATASETS.TEST", "('cls_agnostic_coco',)", "SOLVER.MAX_ITER", "1",
             "INPUT.CROP.SIZE", "[32, 32]", "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", out])
         assert rc == 2 and f"expected {want} (class-agnostic annotations), which does not exist" in \
-            _error_line(err)
+            error_line(err)
         assert not out.exists()  # nothing built, nothing trained
     finally:
         hiseg.data.register_all(os.fspath(datasets_root()), overwrite=True)
@@ -205,7 +204,7 @@ def test_walk_folder_to_detector_ap(shared_data, tmp_path, monkeypatch):
     for f in sorted(source.glob("*.JPEG"))[:3]:
         shutil.copy(f, "images")
 
-    rc, so, se = _run(_tool("generate_pseudo_masks").main, [
+    rc, so, se = run_captured(load_tool("generate_pseudo_masks").main, [
         "--images", "images", "--features", "efficientnet-lite0", "--input-size", 128,
         "--annotations-out", "pseudo_train.json", "--output", "pseudo_results.json",
         "--vis-dir", "pictures", "--max-vis", 1, "--threads", 1, "--no-progress"])
@@ -218,11 +217,11 @@ def test_walk_folder_to_detector_ap(shared_data, tmp_path, monkeypatch):
 
     data = "('cls_agnostic:pseudo_train.json',)"
     common = ["--config-file", REPO / CLS_AGNOSTIC_QUICK, *SMALL, "OUTPUT_DIR", "detector"]
-    rc, _, se = _run(_tool("train_net").cli, [*common, "DATASETS.TRAIN", data, "DATASETS.TEST", "()",
+    rc, _, se = run_captured(load_tool("train_net").cli, [*common, "DATASETS.TRAIN", data, "DATASETS.TEST", "()",
                                                "SOLVER.MAX_ITER", 2])
     assert rc == 0, se[-2000:]
     assert Path("detector/model_final.pth").is_file()
-    rc, _, se = _run(_tool("train_net").cli, ["--eval-only", *common, "DATASETS.TEST", data,
+    rc, _, se = run_captured(load_tool("train_net").cli, ["--eval-only", *common, "DATASETS.TEST", data,
                                                "MODEL.WEIGHTS", "detector/model_final.pth"])
     assert rc == 0, se[-2000:]
     results = Path("detector/inference/cls_agnostic_pseudo_train.json/coco_instances_results.json")

@@ -300,7 +300,7 @@ def cuda_only_tests(tests_dir: Path = REPO / "tests", root: Path = REPO) -> List
     decorated with a ``skipif`` whose condition mentions CUDA, or in a module whose
     ``pytestmark`` is such a mark. Found by reading the source (no import, no collection)."""
     ids = []
-    for f in sorted(tests_dir.glob("test_*.py")):
+    for f in sorted(tests_dir.rglob("test_*.py")):
         tree = ast.parse(f.read_text(), filename=str(f))
         module_mark = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
                           and _mentions_cuda_skip(n.value) for n in tree.body)

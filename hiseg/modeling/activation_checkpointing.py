@@ -14,7 +14,7 @@ Choices:
   inputs that need no gradient (the first block after a frozen patch embedding).
 * The RNG state is saved and restored around the recomputation (torch's default), so dropout and
   stochastic depth draw the same masks twice: the loss and the gradients are those of the plain
-  step (``tests/test_activation_checkpointing.py``).
+  step (``tests/hiseg/modeling/test_activation_checkpointing.py``).
 * Only when gradients are being recorded: under ``torch.no_grad`` (evaluation, the OAP teacher, the
   MoCo momentum encoder) a checkpoint would save nothing, and the module is called directly.
 """

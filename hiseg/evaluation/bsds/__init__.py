@@ -14,7 +14,7 @@ The layout of the per-image counts is the benchmark's own (``<id>_ev1.txt``: ``t
 cntP sumP``), so results can be compared line by line with the MATLAB output files.
 
 Differences from the MATLAB code (measured against the reference outputs shipped with the
-benchmark's 5-image sample, see ``tests/test_bsds.py``):
+benchmark's 5-image sample, see ``tests/hiseg/evaluation/test_bsds.py``):
 
 * ``correspondPixels`` solves its min-cost assignment with Goldberg's CSA on a graph whose
   outlier edges are drawn at random, so it is slightly sub-optimal and two MATLAB runs on the

@@ -44,7 +44,7 @@ __all__ = ["CASTEncoder", "compose_hierarchy", "EMPTY_TOKEN_MODES", "POS_RESIZE_
 # labels vanish on the grid (195 instead of 196 on some BSDS500 images), and the missing
 # all-zero tokens change its output. We keep the batch-independent count: it is the function
 # of the released batched evaluation, which made the published numbers
-# (tests/test_cast_released_reference.py::test_token_count_is_the_released_batched_count).
+# (tests/hiseg_cast/test_cast_released_reference.py::test_token_count_is_the_released_batched_count).
 EMPTY_TOKEN_MODES = ("attend", "mask")
 
 # How the position encodings reach the segments with bilinear token pooling (nearest pooling

@@ -21,11 +21,9 @@ Resuming restores model, optimizer, scheduler and iteration, not the position in
 stream (detectron2 restarts its sampler and the augmentation RNGs): the training set is one VOC
 image without random augmentation, so every iteration sees the same data in both runs.
 """
-import importlib.util
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +31,8 @@ import torch
 from PIL import Image
 
 from distributed_helpers import collect_results, start_group
+from helpers import REPO, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = REPO / "configs/CAST/quick/semseg_cast_tiny_voc_cpu.yaml"
 DATASET = "hiseg_dist_resume_voc1"
 MAX_ITER = 6
@@ -64,9 +62,7 @@ def train_net_worker(argv, image, label):
     DatasetCatalog.register(DATASET, lambda: [{"file_name": image, "sem_seg_file_name": label, "image_id": 0,
                                                "height": 371, "width": 500}])
     MetadataCatalog.get(DATASET).set(stuff_classes=list(VOC_CLASSES), ignore_label=255, evaluator_type="sem_seg")
-    spec = importlib.util.spec_from_file_location("hiseg_tools_train_net", REPO / "tools" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_tool("train_net")
     train_net.main(train_net.default_argument_parser().parse_args(argv))
     return {"rank": comm.get_rank(), "threads": torch.get_num_threads()}
 

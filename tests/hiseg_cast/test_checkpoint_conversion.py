@@ -6,7 +6,6 @@ detectron2's DetectionCheckpointer into a meta-architecture, and compares tensor
 with the source (the round trip).
 """
 import argparse
-import importlib.util
 import os
 import pickle
 import re
@@ -20,11 +19,11 @@ from hiseg_cast.checkpoint import (CheckpointConversionError, convert_checkpoint
                              save_detectron2_checkpoint, verify_against_model)
 from hiseg_cast.modeling import sincos_position_embedding
 from hiseg_cast.superpixels import patch_superpixels
+from helpers import REPO, load_tool
 
 torch.set_num_threads(2)
 
 DIM, HEADS, DEPTHS, SEGMENTS = 48, 4, [2, 1, 1, 1], [12, 6, 3, 2]
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def cast_cfg(pos_embed="sincos", fpn=False):
 
     cfg = get_cfg()
     add_all_configs(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "CAST", "Base-CAST-S.yaml"))
+    cfg.merge_from_file(os.path.join(REPO, "configs", "CAST", "Base-CAST-S.yaml"))
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", DIM, "MODEL.CAST.NUM_HEADS", HEADS,
         "MODEL.CAST.DEPTHS", DEPTHS, "MODEL.CAST.NUM_SEGMENTS", SEGMENTS, "MODEL.CAST.POS_EMBED", pos_embed,
@@ -279,19 +278,11 @@ def test_errors_name_the_problem(tmp_path):
         convert_checkpoint(path, model="vit")
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("convert_cast_checkpoint",
-                                                  os.path.join(ROOT, "tools", "convert_cast_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_cli_fpn_prefix(tmp_path, capsys):
     src = source_cast()
     path, out = str(tmp_path / "checkpoint_0099.pth.tar"), str(tmp_path / "fpn.pth")
     write_moco(src, path)
-    assert _cli().main(["--input", path, "--output", out, "--format", "cast-moco", "--model", "cast",
+    assert load_tool("convert_cast_checkpoint").main(["--input", path, "--output", out, "--format", "cast-moco", "--model", "cast",
                         "--prefix", "backbone.bottom_up.encoder."]) == 0
     assert "MODEL.CAST.DEPTHS" in capsys.readouterr().out
     model = load_detectron2(cast_cfg(fpn=True), out)
@@ -301,16 +292,16 @@ def test_cli_fpn_prefix(tmp_path, capsys):
     cfg_file, out2 = str(tmp_path / "fpn.yaml"), str(tmp_path / "fpn2.pth")
     with open(cfg_file, "w") as f:
         f.write(cast_cfg(fpn=True).dump())
-    assert _cli().main(["--input", path, "--output", out2, "--config-file", cfg_file]) == 0
+    assert load_tool("convert_cast_checkpoint").main(["--input", path, "--output", out2, "--config-file", cfg_file]) == 0
     assert "backbone.bottom_up.encoder." in capsys.readouterr().out
     assert torch.load(out2)["model"].keys() == torch.load(out)["model"].keys()
-    assert _cli().main(["--input", path, "--output", str(tmp_path / "no.pth"), "--config-file", cfg_file,
+    assert load_tool("convert_cast_checkpoint").main(["--input", path, "--output", str(tmp_path / "no.pth"), "--config-file", cfg_file,
                         "MODEL.CAST.POS_EMBED", "learned"]) == 2
     assert "missing keys ['backbone.bottom_up.encoder.pos_embed']" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "no.pth")
 
     torch.save({"foo": torch.zeros(1)}, path)
-    assert _cli().main(["--input", path, "--output", out]) == 2
+    assert load_tool("convert_cast_checkpoint").main(["--input", path, "--output", out]) == 2
     assert "unknown checkpoint layout" in capsys.readouterr().err
 
 

@@ -27,9 +27,8 @@ import hiseg.data  # noqa: F401  (registers the datasets)
 from hiseg.cli import merge_config
 from hiseg.data.datasets import imagenet
 from hiseg.errors import ConfigError, DatasetNotFoundError
-from helpers import add_all_configs
+from helpers import REPO, add_all_configs
 
-ROOT = Path(__file__).resolve().parents[1]
 WNIDS = imagenet.imagenet_1k_classes()
 
 
@@ -41,7 +40,7 @@ def _img(path: Path):
 def _cfg(*opts, config="configs/CAST/deit_cast_s_in1k.yaml"):
     cfg = get_cfg()
     add_all_configs(cfg)
-    merge_config(cfg, str(ROOT / config), [str(o) for o in opts])
+    merge_config(cfg, str(REPO / config), [str(o) for o in opts])
     return cfg
 
 

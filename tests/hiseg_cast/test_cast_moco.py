@@ -3,7 +3,6 @@ encoder with the cosine schedule, InfoNCE; and the main job end to end at a tiny
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ from detectron2.utils.events import EventStorage
 import hiseg.data  # noqa: F401
 from hiseg_cast.modeling.meta_arch.moco import moco_momentum
 from hiseg.engine import build_hiseg_optimizer
-from helpers import add_all_configs
+from helpers import REPO, add_all_configs
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
 SMALL = ["MODEL.CAST.EMBED_DIM", 48, "MODEL.MOCO.MLP_DIM", 64, "MODEL.MOCO.DIM", 32,
          "INPUT.CROP.SIZE", [64, 64], "MODEL.CAST.SUPERPIXEL.NUM_SUPERPIXELS", 49,

@@ -31,9 +31,9 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from detectron2.data.datasets.cityscapes_panoptic import load_cityscapes_panoptic
-from expectations import load_script, registered_dataset
+from expectations import registered_dataset
+from helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 BUILTIN = "cityscapes_fine_panoptic_val"
 FRAME = "frankfurt_000000_000294"
 CAT_IDS = {c["id"] for c in CITYSCAPES_CATEGORIES}

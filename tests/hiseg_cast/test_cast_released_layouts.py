@@ -18,7 +18,6 @@ released forward pass written from the equations), extended here by the released
 (BatchNorm1d with running statistics, then Linear) and Segmenter's mask transformer.
 """
 import argparse
-import importlib.util
 import math
 import os
 from collections import OrderedDict
@@ -29,8 +28,8 @@ import torch.nn.functional as F
 
 from test_cast_released_reference import (_ln, _lin, _mhsa, random_official_cast, released_forward, vanishing_labels,
                                           write_deit)
+from helpers import REPO, load_tool
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DIM, HEADS, DEPTHS, SEGMENTS = 64, 4, [2, 1, 1, 1], [12, 6, 3, 2]
 NUM_CLASSES = 5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,14 +154,6 @@ def released_mask_transformer(dec, tokens, heads):
 
 
 # ----------------------------------------------------------------------------------------------
-def _tool():
-    spec = importlib.util.spec_from_file_location("_layouts_convert",
-                                                  os.path.join(ROOT, "tools", "convert_cast_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def _overrides(extra=()):
     return ["MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", str(DIM), "MODEL.CAST.NUM_HEADS", str(HEADS),
             "MODEL.CAST.DEPTHS", str(DEPTHS), "MODEL.CAST.NUM_SEGMENTS", str(SEGMENTS),
@@ -181,9 +172,9 @@ def _convert_and_load(tmp_path, capsys, caplog, src, config, extra=(), evaluatin
     from helpers import add_all_configs
 
     dst = tmp_path / "converted.pth"
-    cfg_path = os.path.join(ROOT, "configs", "CAST", config)
+    cfg_path = os.path.join(REPO, "configs", "CAST", config)
     opts = _overrides(extra)
-    rc = _tool().main(["--input", str(src), "--output", str(dst), "--num-heads", str(HEADS),
+    rc = load_tool("convert_cast_checkpoint").main(["--input", str(src), "--output", str(dst), "--num-heads", str(HEADS),
                        "--config-file", cfg_path, *opts])
     printed = capsys.readouterr()
     assert rc == 0, printed.err

@@ -23,6 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hiseg.evaluation import bsds as M
 from hiseg.evaluation.bsds.boundary_maps import _THIN_LUTS
+from helpers import load_script
 
 BENCH_IDS = ("2018", "3063", "5096", "6046", "8068")
 
@@ -413,12 +414,7 @@ def test_bsds_missing_files_and_npz(shared_data, tmp_path):
         dicts = DatasetCatalog.get("bsds500_val")
         assert [d["image_id"] for d in dicts] == ids
 
-        import importlib.util
-
-        script = Path(__file__).resolve().parents[1] / "datasets" / "prepare_bsds500.py"
-        spec = importlib.util.spec_from_file_location("_prepare_bsds500", script)
-        prepare = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prepare)
+        prepare = load_script("prepare_bsds500")
         assert prepare.main(["--root", str(tmp_path), "--splits", "val"]) == 0
         for d in dicts:
             npz = Path(bsds500.npz_path_for(d["bsds_gt_file"]))

@@ -4,7 +4,6 @@ the trainer's evaluations and writing the report. The full run is a documented c
 (docs/oap_student_vs_pseudo_masks.md), not a test."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +13,10 @@ from detectron2.modeling import build_model
 
 from hiseg.errors import CheckpointError
 from hiseg.modeling.vit import make_timm_vit
-from helpers import add_all_configs, experiment
+from helpers import REPO, add_all_configs, experiment
 
 exp = experiment("OAP", "student_vs_pseudo_masks")
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "OAP" / "quick" / "oap_vit_tiny_coco_sample_cpu.yaml"  # 48-d, 4 blocks, patch 8, 96
 
 

@@ -7,8 +7,6 @@ converter. Every input is a tiny
 file generated in ``tmp_path``. The tools run in this process through their ``main(argv)`` /
 ``hiseg.cli.run_cli``, except the issue's own train_net command, which runs as a subprocess.
 """
-import contextlib
-import importlib.util
 import io
 import os
 import pickle
@@ -16,49 +14,25 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from expectations import load_script, registered_dataset
+from expectations import registered_dataset
 from hiseg.checkpoint.io import SafeDetectionCheckpointer, read_checkpoint
-from hiseg.cli import merge_config, one_line, run_cli
+from hiseg.cli import merge_config, one_line
 from hiseg.errors import CheckpointError, ConfigError, DatasetNotFoundError, EmptyDatasetError, InputError
 from hiseg.image_io import ImageCheckingMapper, read_image, verify_image
+from helpers import REPO, error_line, load_script, load_tool, run_captured
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
 TINY_CAST = ["MODEL.CAST.EMBED_DIM", "48", "MODEL.CAST.NUM_HEADS", "4", "MODEL.CAST.DEPTHS", "[1,1,1,1]"]
 TINY_VIT = ["--arch", "vit_small", "--embed-dim", "48", "--depth", "2", "--heads", "4", "--patch", "16",
             "--input-size", "64", "--threads", "1", "--no-progress"]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_bad_inputs_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run(main, argv):
-    """(exit status, stdout, stderr) of ``run_cli(main, argv)``."""
-    so, se = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
-        rc = run_cli(main, [str(a) for a in argv])
-    return rc, so.getvalue(), se.getvalue()
-
-
-def _error_line(stderr):
-    """The one ``error:`` line of a failed run (and there is exactly one)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def _picture(h=48, w=64, seed=0):
@@ -113,7 +87,7 @@ def test_not_a_checkpoint(files):
          "MODEL.WEIGHTS", str(files / "garbage.pth"), "OUTPUT_DIR", str(files / "out"),
          "DATASETS.TEST", "('skimage_natural_images',)"],  # --eval-only needs a test set
         cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    line = _error_line(out.stderr)
+    line = error_line(out.stderr)
     assert out.returncode == 2
     assert line.startswith(f"error: {files / 'garbage.pth'}: not a checkpoint")
     assert "weights_only" not in out.stderr and "tools/convert_cast_checkpoint.py" in line
@@ -211,9 +185,9 @@ def test_checkpoint_of_another_model(tmp_path, files):
     assert torch.equal(net.backbone[0].weight, src.backbone[0].weight)
 
     # an entry point: the demo with weights of another model
-    rc, _, err = _run(_tool("demo").main, ["--input", files / "good.jpg", "--output", tmp_path / "demo",
+    rc, _, err = run_captured(load_tool("demo").main, ["--input", files / "good.jpg", "--output", tmp_path / "demo",
                                            "--opts", *TINY_CAST, "MODEL.WEIGHTS", tmp_path / "other.pth"])
-    assert rc == 2 and "not a checkpoint of this model (CASTEncoder)" in _error_line(err)
+    assert rc == 2 and "not a checkpoint of this model (CASTEncoder)" in error_line(err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +196,7 @@ def test_checkpoint_of_another_model(tmp_path, files):
 def demo_run(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     names = ["good.jpg", "truncated.jpg", "zero.png", "empty.jpg", "text.jpg"]
-    rc, so, se = _run(_tool("demo").main, ["--input", *[files / n for n in names], "--output", out,
+    rc, so, se = run_captured(load_tool("demo").main, ["--input", *[files / n for n in names], "--output", out,
                                            "--max-size", 64, "--opts", *TINY_CAST])
     return rc, so, se, out
 
@@ -244,7 +218,7 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     assert "Premature end of JPEG" not in capfd.readouterr().err  # libjpeg never saw the file
 
     # generate_pseudo_masks: skipped with a warning, counted, status 1
-    rc, _, se = _run(_tool("generate_pseudo_masks").main,
+    rc, _, se = run_captured(load_tool("generate_pseudo_masks").main,
                      ["--images", files / "good.jpg", files / "truncated.jpg", *TINY_VIT,
                       "--output", tmp_path / "masks.json"])
     assert rc == 1 and f"warning: {files / 'truncated.jpg'}: not a readable image: truncated image file" in se
@@ -259,10 +233,10 @@ def test_truncated_image(files, demo_run, tmp_path, capfd):
     (ann / "b.png").write_bytes(png[: 2 * len(png) // 3])
     (ann / "c.png").write_bytes(png[:40])  # the header alone
     prepare = load_script("prepare_ade20k_sem_seg")
-    rc, _, se = _run(prepare.main, ["--ade-root", tmp_path / "ADE", "--split", "validation"])
+    rc, _, se = run_captured(prepare.main, ["--ade-root", tmp_path / "ADE", "--split", "validation"])
     assert rc == 1 and f"warning: {ann / 'b.png'}: not a readable image: truncated image file" in se
     assert f"warning: {ann / 'c.png'}: not a readable image: a truncated or damaged PNG file (40 bytes" in se
-    assert "error: 2 of 3 label map(s) skipped (unreadable, see the warnings above: b.png, c.png)" in _error_line(se)
+    assert "error: 2 of 3 label map(s) skipped (unreadable, see the warnings above: b.png, c.png)" in error_line(se)
     assert (tmp_path / "ADE" / "annotations_detectron2" / "validation" / "a.png").is_file()
 
     # training / evaluation: the data loader's mapper names the image, in one line
@@ -295,15 +269,15 @@ def test_config_key_and_file(tmp_path):
 
     from helpers import add_all_configs
 
-    train_net = _tool("train_net")
-    rc, _, err = _run(train_net.cli, ["--config-file", QUICK, "--eval-only", "MODEL.CAST.NUM_SEGMENT", "[8,4]"])
+    train_net = load_tool("train_net")
+    rc, _, err = run_captured(train_net.cli, ["--config-file", QUICK, "--eval-only", "MODEL.CAST.NUM_SEGMENT", "[8,4]"])
     assert rc == 2
-    line = _error_line(err)
+    line = error_line(err)
     assert line.startswith("error: command-line override: unknown config key MODEL.CAST.NUM_SEGMENT; "
                            "nearest valid keys: MODEL.CAST.NUM_SEGMENTS, "), line
     assert line.endswith("(fix the spelling or remove it)")
-    rc, _, err = _run(train_net.cli, ["--config-file", QUICK[:-5] + ".yml", "--eval-only"])
-    assert rc == 2 and _error_line(err).startswith(f"error: {QUICK[:-5]}.yml: config file not found; did you "
+    rc, _, err = run_captured(train_net.cli, ["--config-file", QUICK[:-5] + ".yml", "--eval-only"])
+    assert rc == 2 and error_line(err).startswith(f"error: {QUICK[:-5]}.yml: config file not found; did you "
                                                    f"mean {QUICK}")
 
     (tmp_path / "typo.yaml").write_text(f'_BASE_: "{REPO / QUICK}"\nSOLVER:\n  BASE_LRR: 0.1\n')
@@ -324,9 +298,9 @@ def test_config_key_and_file(tmp_path):
     for tool, argv in (("demo", ["--skimage", "coins", "--config-file", tmp_path / "typo.yaml"]),
                        ("benchmark_oap_step", ["--config-file", tmp_path / "typo.yaml"]),
                        ("main_job", ["--config-file", tmp_path / "typo.yaml"])):
-        rc, _, err = _run(_tool(tool).main, argv)
+        rc, _, err = run_captured(load_tool(tool).main, argv)
         assert rc == 2 and "unknown config key SOLVER.BASE_LRR; nearest valid keys: SOLVER.BASE_LR" in \
-            _error_line(err), tool
+            error_line(err), tool
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,19 +320,19 @@ def test_missing_dataset_folder(tmp_path):
     missing_json = tmp_path / "coco" / "annotations" / "instances_val2017.json"
     with registered_dataset("hiseg_test_missing_folder", lambda: [], json_file=str(missing_json),
                             image_root=str(tmp_path / "coco" / "val2017")):
-        rc, _, err = _run(_tool("train_net").cli, ["--config-file", QUICK, "--eval-only",
+        rc, _, err = run_captured(load_tool("train_net").cli, ["--config-file", QUICK, "--eval-only",
                                                    "DATASETS.TEST", "('hiseg_test_missing_folder',)"])
-    assert rc == 2 and _error_line(err).startswith(
+    assert rc == 2 and error_line(err).startswith(
         f"error: Dataset 'hiseg_test_missing_folder': expected {missing_json} (json_file), which does not "
         f"exist; download it as datasets/README.md describes")
-    rc, _, err = _run(_tool("train_net").cli, ["--config-file", QUICK, "--eval-only",
+    rc, _, err = run_captured(load_tool("train_net").cli, ["--config-file", QUICK, "--eval-only",
                                                "DATASETS.TEST", "('bsds500_vall',)"])
     assert rc == 2 and "dataset 'bsds500_vall' is not registered; nearest registered names: bsds500_val" in \
-        _error_line(err)
+        error_line(err)
 
     # a prepare script: the download folder it reads, with its layout
-    rc, _, err = _run(load_script("prepare_ade20k_sem_seg").main, ["--ade-root", tmp_path / "nowhere"])
-    assert rc == 2 and _error_line(err) == (
+    rc, _, err = run_captured(load_script("prepare_ade20k_sem_seg").main, ["--ade-root", tmp_path / "nowhere"])
+    assert rc == 2 and error_line(err) == (
         f"error: {tmp_path / 'nowhere' / 'annotations' / 'training'}: input folder not found; expected layout: "
         f"<ade-root>/annotations/{{training,validation}}/*.png; download ADEChallengeData2016.zip "
         f"(http://sceneparsing.csail.mit.edu), unzip it under $DETECTRON2_DATASETS, or pass --ade-root")
@@ -387,9 +361,9 @@ def test_empty_dataset(tmp_path):
 
     # a prepare script on an empty download folder
     (tmp_path / "ADE" / "annotations" / "validation").mkdir(parents=True)
-    rc, _, err = _run(load_script("prepare_ade20k_sem_seg").main,
+    rc, _, err = run_captured(load_script("prepare_ade20k_sem_seg").main,
                       ["--ade-root", tmp_path / "ADE", "--split", "validation"])
-    assert rc == 2 and _error_line(err).startswith(
+    assert rc == 2 and error_line(err).startswith(
         f"error: {tmp_path / 'ADE' / 'annotations' / 'validation'}: no input files (*.png) in it, nothing to convert")
 
 
@@ -409,21 +383,21 @@ def test_zero_size_image(files, demo_run):
 # ------------------------------------------------------------------------------------------------
 # the converter (tools/convert_cast_checkpoint.py, cast/checkpoint.py)
 def test_converter_answers_bad_files(files, tmp_path):
-    convert = _tool("convert_cast_checkpoint")
+    convert = load_tool("convert_cast_checkpoint")
     out = tmp_path / "out.pth"
-    rc, _, err = _run(convert.main, ["--input", files / "garbage.pth", "--output", out])
-    assert rc != 0 and "not a checkpoint" in _error_line(err) and "weights_only" not in err
-    rc, _, err = _run(convert.main, ["--input", files / "truncated.pth", "--output", out])
-    assert rc != 0 and "truncated" in _error_line(err)
+    rc, _, err = run_captured(convert.main, ["--input", files / "garbage.pth", "--output", out])
+    assert rc != 0 and "not a checkpoint" in error_line(err) and "weights_only" not in err
+    rc, _, err = run_captured(convert.main, ["--input", files / "truncated.pth", "--output", out])
+    assert rc != 0 and "truncated" in error_line(err)
     torch.save({"state_dict": {"conv1.weight": torch.zeros(4, 3, 3, 3)}}, tmp_path / "resnet.pth")
-    rc, _, err = _run(convert.main, ["--input", tmp_path / "resnet.pth", "--output", out])
-    assert rc != 0 and "'conv1.weight'" in _error_line(err) and "blocks.0.attn.qkv.weight" in err
+    rc, _, err = run_captured(convert.main, ["--input", tmp_path / "resnet.pth", "--output", out])
+    assert rc != 0 and "'conv1.weight'" in error_line(err) and "blocks.0.attn.qkv.weight" in err
 
     from hiseg.modeling.vit import make_timm_vit
 
     vit = make_timm_vit(embed_dim=48, depth=1, num_heads=4, patch_size=16, img_size=32)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    rc, _, err = _run(convert.main, ["--input", tmp_path / "vit.pth", "--output", out,
+    rc, _, err = run_captured(convert.main, ["--input", tmp_path / "vit.pth", "--output", out,
                                      "--config-file", tmp_path / "missing.yaml"])
-    assert rc == 2 and f"{tmp_path / 'missing.yaml'}: config file not found" in _error_line(err)
+    assert rc == 2 and f"{tmp_path / 'missing.yaml'}: config file not found" in error_line(err)
     assert not out.exists()

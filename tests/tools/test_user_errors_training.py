@@ -8,7 +8,6 @@ uses (``hiseg.engine.AtomicDetectionCheckpointer``).
 """
 import contextlib
 import errno
-import importlib.util
 import io
 import os
 from pathlib import Path
@@ -19,23 +18,16 @@ from torch import nn
 
 from hiseg.cli import run_cli
 from hiseg.errors import CheckpointError, OutputError, TrainingDivergedError
+from helpers import REPO, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 MOCO = "configs/CAST/quick/moco_cast_tiny_skimage_cpu.yaml"
 DEIT = "configs/CAST/quick/deit_cast_tiny_skimage_cpu.yaml"
 NO_CUDA = not torch.cuda.is_available()
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_user_errors_training_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def train_net():
-    return _tool("train_net")
+    return load_tool("train_net")
 
 
 def _error_line(main, argv):

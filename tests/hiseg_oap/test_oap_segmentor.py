@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from helpers import add_all_configs
+from helpers import REPO, add_all_configs, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "OAP" / "quick" / "oap_vit_tiny_coco_sample_cpu.yaml"
 
 
@@ -285,7 +283,6 @@ def test_train_net_trains_then_reports_ap_pq_miou(oap_d2_root, tmp_path):
 def test_dino_weights_reach_student_and_teacher(tmp_path, train_batch):
     """A DINO checkpoint (plain ViT state dict) converted with the quick config lands in the
     student's ViT; the first training step copies it into the teacher (Sec. 5.1 DINO init)."""
-    import importlib.util
 
     from detectron2.checkpoint import DetectionCheckpointer
 
@@ -300,9 +297,7 @@ def test_dino_weights_reach_student_and_teacher(tmp_path, train_batch):
     torch.save(dino, tmp_path / "dino_vit_tiny8.pth")
     cfg_file = tmp_path / "oap.yaml"
     cfg_file.write_text(quick_cfg().dump())
-    spec = importlib.util.spec_from_file_location("convert_cast_checkpoint", REPO / "tools" / "convert_cast_checkpoint.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("convert_cast_checkpoint")
     out = tmp_path / "dino_oap.pth"
     assert cli.main(["--input", str(tmp_path / "dino_vit_tiny8.pth"), "--output", str(out),
                      "--config-file", str(cfg_file)]) == 0

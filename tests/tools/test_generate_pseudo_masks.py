@@ -25,23 +25,15 @@ from hiseg_oap.pseudo_labels import (
     validate_results, write_results,
 )
 from hiseg_oap.pseudo_labels.preprocess import preprocess, read_rgb
+from helpers import load_tool
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY = ["--arch", "vit_small", "--embed-dim", "48", "--depth", "2", "--heads", "4", "--patch", "16",
         "--input-size", "224", "--threads", "1", "--no-progress"]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "generate_pseudo_masks_tool", os.path.join(REPO, "tools", "generate_pseudo_masks.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return _load_tool()
+    return load_tool("generate_pseudo_masks")
 
 
 def run_tool(tool, argv):

@@ -27,7 +27,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
-from expectations import expected_pq, load_script, registered_dataset
+from expectations import expected_pq, registered_dataset
 from hiseg_oap.evaluation import (
     ClassAgnosticCOCOEvaluator,
     ClusterCOCOEvaluator,
@@ -40,8 +40,8 @@ from hiseg_oap.evaluation import (
     majority_mapping,
     mapping_summary,
 )
+from helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 _COUNTER = itertools.count()
 
 

@@ -4,30 +4,22 @@ The demo runs once, in this process, on every awkward input at a small size with
 (48-d, 1 block per level); the tests then look at what it wrote and printed.
 """
 import contextlib
-import importlib.util
 import io
-import os
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from helpers import load_tool
+
 TINY = ["MODEL.CAST.EMBED_DIM", "48", "MODEL.CAST.NUM_HEADS", "4", "MODEL.CAST.DEPTHS", "[1,1,1,1]"]
 MAX_SIZE = 96
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("cast_demo_tool", os.path.join(REPO, "tools", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def demo():
-    return _load_demo()
+    return load_tool("demo")
 
 
 def _astronaut():

@@ -4,7 +4,6 @@ config end to end through tools/train_net.py on the real VOC samples."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from helpers import add_all_configs
+from helpers import REPO, add_all_configs
 
 from hiseg_cast.data.dataset_mappers import CASTSegmenterMapper, PhotometricDistortion
 from hiseg_cast.data.dataset_mappers.segmenter_dataset_mapper import _photometric
@@ -22,7 +21,6 @@ from hiseg_cast.superpixels import SuperpixelConfig, grid_superpixels, superpixe
 from train_check import sgd_steps
 from voc_sample import make_voc2012_root
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = "configs/CAST/quick/segmenter_cast_tiny_voc_cpu.yaml"
 SP_CFG = SuperpixelConfig(num_superpixels=0, pixels_per_superpixel=64)
 

@@ -3,7 +3,6 @@ files, ``build_cast_fpn_backbone`` works without ``MODEL.FPN.IN_FEATURES``, and 
 ``COCOEvaluator`` with its default arguments works on the pure-Python detectron2 the set-up
 installs (``tools/install_deps.py`` with ``dev/detectron2_install.py``: ``COCOeval_opt`` falls back to
 pycocotools; the stub's error for a direct call of a COCO op names ``use_fast_impl=False``)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +14,9 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE_S = str(ROOT / "configs" / "CAST" / "Base-CAST-S.yaml")
+from helpers import REPO, load_dev
+
+BASE_S = str(REPO / "configs" / "CAST" / "Base-CAST-S.yaml")
 
 
 def _cast_cfg():
@@ -30,7 +30,7 @@ def _cast_cfg():
 def test_add_cast_config_alone_loads_the_cast_yaml_files():
     for name in ("Base-CAST-S.yaml", "Base-CAST-B.yaml", "mask_rcnn_cast_s_fpn_coco.yaml"):
         cfg = _cast_cfg()
-        cfg.merge_from_file(str(ROOT / "configs" / "CAST" / name))  # needs SOLVER.OPTIMIZER etc.
+        cfg.merge_from_file(str(REPO / "configs" / "CAST" / name))  # needs SOLVER.OPTIMIZER etc.
     assert cfg.SOLVER.OPTIMIZER == "ADAMW"
 
 
@@ -83,11 +83,9 @@ def test_cast_fpn_unknown_in_features_names_the_key():
 
 # ---------------------------------------------------------------------------------------------
 def _d2_install():
-    """``dev/detectron2_install.py``, the set-up's detectron2 steps (loaded as the set-up loads it)."""
-    spec = importlib.util.spec_from_file_location("_d2_install", ROOT / "dev" / "detectron2_install.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``dev/detectron2_install.py``, the set-up's detectron2 steps (loaded by its location, as the
+    set-up loads it)."""
+    return load_dev("detectron2_install")
 
 
 def _d2_copy(tmp_path) -> Path:

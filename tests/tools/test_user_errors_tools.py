@@ -7,7 +7,6 @@ tiny files made in ``tmp_path``. The read-only location is ``/sys`` (not writabl
 and, for other users, a folder made read-only with ``chmod``.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -20,27 +19,19 @@ from PIL import Image
 
 from hiseg.cli import run_cli
 from hiseg.image_io import read_image
+from helpers import load_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ["--arch", "vit_small", "--embed-dim", "48", "--depth", "1", "--heads", "4", "--patch", "16",
             "--input-size", "32", "--threads", "1", "--no-progress", "--device", "cpu"]
 TINY_CAST = ["MODEL.CAST.EMBED_DIM", "48", "MODEL.CAST.NUM_HEADS", "4", "MODEL.CAST.DEPTHS", "[1,1,1,1]"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
-def _tool(path):
-    name = "_user_errors_" + Path(path).stem
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tools():
-    return {p: _tool(p) for p in ("tools/generate_pseudo_masks.py", "tools/demo.py", "tools/main_job.py",
+    return {p: load_file(p) for p in ("tools/generate_pseudo_masks.py", "tools/demo.py", "tools/main_job.py",
                                   "tools/benchmark.py", "tools/benchmark_oap.py", "tools/gpu_check.py",
                                   "tools/convert_cast_checkpoint.py", "datasets/prepare_cls_agnostic_coco.py")}
 

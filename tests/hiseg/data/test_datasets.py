@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from expectations import load_script
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, load_script
+
 
 
 class FreshInterpreter:

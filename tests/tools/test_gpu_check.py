@@ -4,19 +4,17 @@ decide the exit status and the list of CUDA-only tests are checked on their own.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import gpucheck
+from helpers import REPO, gpucheck
 
 gpucheck()
 from gpucheck import correctness, provenance  # noqa: E402  (dev tooling: loaded by the line above)
 from gpucheck.profiles import QUICK  # noqa: E402
 from gpucheck.report import Report  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 CORRECTNESS_ROWS = [
     "slic_torch labels, ",
@@ -138,7 +136,7 @@ def test_failures_decide_the_exit_status(tmp_path):
 
 
 def test_cuda_only_tests_are_found_by_reading_the_source(tmp_path):
-    assert "tests/test_superpixels_torch.py::test_cuda_matches_cpu" in correctness.cuda_only_tests()
+    assert "tests/hiseg_cast/test_superpixels_torch.py::test_cuda_matches_cpu" in correctness.cuda_only_tests()
     (tmp_path / "test_a.py").write_text(
         "import pytest, torch\n"
         "@pytest.mark.skipif(not torch.cuda.is_available(), reason='x')\n"

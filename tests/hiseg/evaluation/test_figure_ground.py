@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from hiseg.evaluation.figure_ground import (FigureGroundEvaluator, class_attenti
                                             voc_foreground)
 from hiseg.modeling.vit import ViTBackbone
 from voc_sample import make_voc2012_root
+from helpers import REPO
 
 
 def tiny_cast():
@@ -329,7 +329,7 @@ def voc_root(shared_data, tmp_path_factory):
 
 
 def test_train_net_eval_only_figure_ground_on_voc_samples(voc_root, tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root), OMP_NUM_THREADS="1")
     log_path = tmp_path / "eval.log"
     args = [sys.executable, "tools/train_net.py", "--config-file", QUICK_FG, "--eval-only",

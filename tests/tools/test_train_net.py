@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 CONFIG = "configs/CAST/quick/mask_rcnn_cast_tiny_coco_sample_cpu.yaml"
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "128",
          "INPUT.MAX_SIZE_TEST", "160", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0"]

@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from helpers import REPO, load_tool
+
 DIM, HEADS, DEPTHS, SEGMENTS = 48, 4, [2, 1, 1, 1], [12, 6, 3, 2]
 SIZE = 64  # 8x8 stem grid
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -280,7 +281,7 @@ def _converted_model(tmp_path, config, learned_pos, overrides=()):
     (write_deit if learned_pos else write_moco)(sd, src)
     cfg = get_cfg()
     add_all_configs(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "CAST", config))
+    cfg.merge_from_file(os.path.join(REPO, "configs", "CAST", config))
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "MODEL.CAST.EMBED_DIM", DIM, "MODEL.CAST.NUM_HEADS", HEADS,
         "MODEL.CAST.DEPTHS", DEPTHS, "MODEL.CAST.NUM_SEGMENTS", SEGMENTS, "MODEL.CAST.POS_GRID", [8, 8],
@@ -384,27 +385,18 @@ def test_our_options_are_different_functions(tmp_path, option, pooling):
 
 # ----------------------------------------------------------------------------------------------
 # the converted file says which config values it needs, and loading checks them
-QUICK = os.path.join(ROOT, "configs", "CAST", "quick", "moco_cast_tiny_skimage_cpu.yaml")  # 96-d, [1,1,1,1]
+QUICK = os.path.join(REPO, "configs", "CAST", "quick", "moco_cast_tiny_skimage_cpu.yaml")  # 96-d, [1,1,1,1]
 
 
 def _train_net():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_ref_train_net", os.path.join(ROOT, "tools", "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("train_net")
 
 
 def _convert_tiny(tmp_path, capsys):
     """An official MoCo-layout CAST (96-d, 4 groups of 1 block) converted by the tool."""
-    import importlib.util
-
     src, dst = tmp_path / "checkpoint_0099.pth.tar", tmp_path / "converted.pth"
     write_moco(random_official_cast(dim=96, depths=[1, 1, 1, 1]), src)
-    spec = importlib.util.spec_from_file_location("_ref_convert", os.path.join(ROOT, "tools", "convert_cast_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_cast_checkpoint")
     assert tool.main(["--input", str(src), "--output", str(dst), "--num-heads", "4"]) == 0
     return dst, capsys.readouterr().out
 

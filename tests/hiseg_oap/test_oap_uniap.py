@@ -4,7 +4,6 @@ batched form and the literal reference against a small independent implementatio
 contraction within each threshold, clusters of >= 4 tokens, only nodes with an edge emitted), in
 float32 and float64, alone and batched; the generator options, the segmenter's targets and a
 training step with ``MODEL.OAP.POOLING.VARIANT: uniap``; every thread pool pinned."""
-import importlib.util
 import os
 
 import numpy as np
@@ -15,8 +14,8 @@ from hiseg_oap.pooling import (
     OAP_VARIANTS, OAPGenerator, UniAPConfig, UniAPGenerator, build_oap_generator, uniap_fast, uniap_reference,
 )
 from hiseg_oap.pooling.uniap import release_grid_edges
+from helpers import REPO, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLDS = (0.8, 0.7, 0.6, 0.5, 0.4)
 
 
@@ -233,10 +232,7 @@ def test_generator_options():
 
 
 def test_tool_variant_flag(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "generate_pseudo_masks_tool", os.path.join(REPO, "tools", "generate_pseudo_masks.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("generate_pseudo_masks")
     args = tool.parse_args(["--images", "x.jpg", "--variant", "uniap", "--thresholds", "0.8", "0.6"])
     gen, layers, kinds = tool.build_generator_from_args(args)
     assert isinstance(gen, UniAPGenerator) and layers == 2 and gen.config == UniAPConfig((0.8, 0.6), 4)
