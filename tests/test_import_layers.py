@@ -209,7 +209,7 @@ def test_known_violations_list_only_shrinks():
 
 @pytest.mark.parametrize("source, module, expected", [
     ("import hiseg_oap\n", "hiseg.x", ("hiseg.x", "core imports a project", "hiseg_oap")),
-    ("def f():\n    from hiseg.visualization import draw\n", "hiseg_oap.v", ("hiseg_oap.v", "project imports the other project", "hiseg_cast")),
+    ("def f():\n    from hiseg_cast.visualize import draw\n", "hiseg_oap.v", ("hiseg_oap.v", "project imports the other project", "hiseg_cast")),
     ("import subprocess, sys\nsubprocess.run([sys.executable, 'tools/train_net.py'])\n", "hiseg_cast.y",
      ("hiseg_cast.y", "library executes or spawns a repository script", "subprocess.run")),
     ("import importlib.util\nimportlib.util.spec_from_file_location('m', 'datasets/prepare_x.py')\n", "hiseg.z",
