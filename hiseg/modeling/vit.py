@@ -253,9 +253,12 @@ class ViTBackbone(Backbone):
         return t[:, :p], t[:, p:].transpose(1, 2).reshape(b, d, h, w)
 
     def forward(self, x: torch.Tensor, features: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-        """The pyramid maps named in ``features`` (default: ``out_features``; ``()``: none) and
-        the token-level outputs ``cls`` (with a class token), ``prefix_tokens``, ``patch_tokens``."""
-        names = self._out_features if features is None else list(features)
+        """Without ``features``: the pyramid maps ``out_features``, as every detectron2 backbone.
+        With ``features`` (pyramid names; ``()``: none): those maps and the token-level outputs
+        ``cls`` (with a class token), ``prefix_tokens``, ``patch_tokens``."""
+        if features is None:
+            return self.pyramid(self.forward_tokens(x)[1], image_size=x.shape[-2:])
+        names = list(features)
         unknown = [n for n in names if n not in self._out_features]
         if unknown:
             raise ValueError(f"{unknown} are not among this ViT's out_features {self._out_features}")
