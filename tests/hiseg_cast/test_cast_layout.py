@@ -139,7 +139,11 @@ def test_vit_backbone_token_outputs():
         tokens = vit(x, features=())
         default = vit(x)
     assert set(tokens) == {"cls", "prefix_tokens", "patch_tokens"}
-    assert set(default) == {"p4", "p5"} | set(tokens)
+    # Without features= the backbone returns its pyramid alone, as every detectron2 backbone does.
+    assert set(default) == {"p4", "p5"}
+    everything = vit(x, features=("p4", "p5"))
+    assert set(everything) == {"p4", "p5"} | set(tokens)
+    assert torch.equal(everything["p4"], default["p4"])
     assert torch.equal(tokens["cls"], prefix[:, 0]) and torch.equal(tokens["patch_tokens"], fmap)
     assert torch.equal(vit(x, features=("p5",))["p5"], default["p5"])
     with pytest.raises(ValueError, match="out_features"):
