@@ -25,7 +25,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from hiseg_cast.checkpoint import FORMATS, MODELS
+    from hiseg_cast.released_weights import FORMATS, MODELS
     from hiseg.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +70,7 @@ def build_model_from_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from hiseg_cast.checkpoint import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
+    from hiseg_cast.released_weights import (DEFAULT_PREFIX, CheckpointConversionError, convert_checkpoint,
                                  describe_needed_config, find_prefix, parts_for_model,
                                  save_detectron2_checkpoint, to_detectron2_checkpoint, verify_against_model)
     from hiseg.cli import check_output_file, one_line

@@ -51,7 +51,7 @@ def load_vit(args):
     """(timm ViT, patch size, description) from ``--vit-weights`` or a random initialisation."""
     if not args.vit_weights:
         return random_vit(args.arch, args.patch, args.embed_dim, args.depth, args.heads, args.seed)
-    from hiseg_cast.checkpoint import CheckpointConversionError, convert_checkpoint, convert_vit_state_dict
+    from hiseg_cast.released_weights import CheckpointConversionError, convert_checkpoint, convert_vit_state_dict
 
     obj, sd = read_vit_weights(args.vit_weights, args.weights_format)
     try:  # a detectron2 checkpoint's ViT (sd), else a DINO / timm file

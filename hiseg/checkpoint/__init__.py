@@ -9,5 +9,6 @@
 
 Writing training checkpoints so that a killed run never leaves a broken one is the trainer's
 :mod:`hiseg.engine.atomic_checkpointer`. Activation checkpointing (recomputing activations in
-the backward pass) is another thing: :mod:`hiseg.modeling.activation_checkpointing`.
+the backward pass) is another thing: :mod:`hiseg.modeling.activation_checkpointing`. Converting
+the authors' released CAST / DINO / timm files to ours is CAST's ``hiseg_cast.released_weights``.
 """

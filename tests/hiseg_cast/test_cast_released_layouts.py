@@ -333,7 +333,7 @@ def test_released_segmenter_seeds_input(tmp_path):
 def test_moco_conv_stem_vit_is_refused_with_the_reason(tmp_path):
     """The authors' MoCo-v3 ViT baselines (``-a vit_conv_small``: a convolutional stem,
     ``patch_embed.proj.{0..12}``, then 11 blocks) do not fit our linear-patch ViT: one line says why."""
-    from hiseg_cast.checkpoint import CheckpointConversionError, convert_checkpoint
+    from hiseg_cast.released_weights import CheckpointConversionError, convert_checkpoint
 
     sd = {"module.base_encoder.patch_embed.proj.0.weight": torch.zeros(8, 3, 3, 3),
           "module.base_encoder.patch_embed.proj.12.weight": torch.zeros(64, 64, 1, 1),

@@ -273,7 +273,7 @@ def _converted_model(tmp_path, config, learned_pos, overrides=()):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from hiseg_cast.checkpoint import convert_checkpoint, find_prefix, save_detectron2_checkpoint
+    from hiseg_cast.released_weights import convert_checkpoint, find_prefix, save_detectron2_checkpoint
     from helpers import add_all_configs
 
     sd = random_official_cast(learned_pos=learned_pos)

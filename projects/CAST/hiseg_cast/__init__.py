@@ -6,7 +6,8 @@ mappers (``MAPPER_REGISTRY``), the ``sem_seg_retrieval`` evaluator factory and t
 
 Layout: :mod:`.config` (``add_cast_config``, every key), :mod:`.superpixels` (S_0 and where it is
 computed), :mod:`.data` (dataset mappers), :mod:`.modeling` (encoder, backbone, heads,
-meta-architectures), :mod:`.evaluation`, :mod:`.checkpoint` (released weights), :mod:`.flops`.
+meta-architectures), :mod:`.evaluation`, :mod:`.released_weights` (the authors' released
+checkpoints -> ours), :mod:`.flops`.
 """
 from . import evaluation  # noqa: F401  (registers the sem_seg_retrieval evaluator factory)
 from .config import add_cast_config, check_cast_config

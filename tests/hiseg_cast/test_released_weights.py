@@ -1,4 +1,4 @@
-"""Weight conversion (hiseg_cast.checkpoint, tools/convert_cast_checkpoint.py).
+"""Weight conversion (hiseg_cast.released_weights, tools/convert_cast_checkpoint.py).
 
 No official weights exist offline, so each test builds a small source model, writes its weights
 in the released layouts (MoCo, DeiT, DINO / timm), converts them, loads the result through
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hiseg_cast import CASTEncoder
-from hiseg_cast.checkpoint import (CheckpointConversionError, convert_checkpoint, detect_format,
+from hiseg_cast.released_weights import (CheckpointConversionError, convert_checkpoint, detect_format,
                              save_detectron2_checkpoint, verify_against_model)
 from hiseg_cast.modeling import sincos_position_embedding
 from hiseg_cast.superpixels import patch_superpixels
