@@ -381,7 +381,7 @@ def test_zero_size_image(files, demo_run):
 
 
 # ------------------------------------------------------------------------------------------------
-# the converter (tools/convert_cast_checkpoint.py, cast/checkpoint.py)
+# the converter (tools/convert_cast_checkpoint.py, hiseg_cast/released_weights/)
 def test_converter_answers_bad_files(files, tmp_path):
     convert = load_tool("convert_cast_checkpoint")
     out = tmp_path / "out.pth"
