@@ -68,6 +68,29 @@ def add_all_configs(cfg):
     return add_oap_config(add_cast_config(cfg))
 
 
+def stripes_sample(h: int, w: int, seed: int, superpixels: bool) -> dict:
+    """A semantic-segmentation input of two regions: class 0 on the left (red), class 3 on the
+    right (blue), split at a random column in the middle third, with noise; with ``superpixels``
+    also SEEDS superpixels of about 64 pixels, as the CAST mappers give."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img = torch.zeros(3, h, w)
+    lab = torch.zeros(h, w, dtype=torch.long)
+    cut = w // 3 + int(torch.randint(0, max(1, w // 3), (1,), generator=g))
+    img[0, :, :cut] = 200
+    img[2, :, cut:] = 220
+    lab[:, cut:] = 3
+    img += torch.randint(0, 20, (3, h, w), generator=g)
+    d = {"image": img, "sem_seg": lab, "height": h, "width": w}
+    if superpixels:
+        from hiseg_cast.superpixels import SuperpixelConfig, superpixels_for_image_tensor
+
+        sp_cfg = SuperpixelConfig(num_superpixels=0, pixels_per_superpixel=64)
+        d["superpixels"] = superpixels_for_image_tensor(img, "RGB", sp_cfg)
+    return d
+
+
 def experiment(project: str, name: str):
     """The experiment script ``projects/<project>/experiments/<name>.py`` as a module. Its folder
     goes first on ``sys.path``, as when the script runs: the files of one experiment import each

@@ -3,10 +3,10 @@
 Checkpoints, ``last_checkpoint``, prepared datasets, evaluation dumps and experiment records are
 all written the same way: to a temporary file in the destination folder, flushed to disk
 (``fsync``), then moved into place with ``os.replace`` (atomic on POSIX). A run killed while
-writing leaves the previous file (or none) and at most a temporary file
-``.tmp-<name>-XXXXXXXX`` beside it (``tempfile.mkstemp`` adds 8 characters of ``[a-z0-9_]``;
-:func:`temp_file_pattern` recognises them, for whoever cleans them up); a block that raises
-removes its temporary file. The result gets the mode of any other new file (``0o666`` less the
+writing leaves the previous file (or none) and at most a temporary file beside it, named
+``.tmp-<name>-`` followed by the 8 random characters of ``[a-z0-9_]`` that
+``tempfile.mkstemp`` adds (:func:`temp_file_pattern` recognises these names, for whoever cleans
+them up); a block that raises removes its temporary file. The result gets the mode of any other new file (``0o666`` less the
 umask), not the 0600 of ``mkstemp``.
 """
 import contextlib

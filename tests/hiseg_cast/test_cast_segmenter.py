@@ -11,18 +11,17 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from helpers import REPO, add_all_configs
+from helpers import REPO, add_all_configs, stripes_sample
 
 from hiseg_cast.data.dataset_mappers import CASTSegmenterMapper, PhotometricDistortion
 from hiseg_cast.data.dataset_mappers.segmenter_dataset_mapper import _photometric
 from hiseg_cast.modeling.heads import LinearDecoder, MaskTransformerDecoder
 from hiseg_cast.modeling.meta_arch.segmenter import window_grid
-from hiseg_cast.superpixels import SuperpixelConfig, grid_superpixels, superpixels_for_image_tensor
+from hiseg_cast.superpixels import grid_superpixels
 from train_check import sgd_steps
 from voc_sample import make_voc2012_root
 
 QUICK = "configs/CAST/quick/segmenter_cast_tiny_voc_cpu.yaml"
-SP_CFG = SuperpixelConfig(num_superpixels=0, pixels_per_superpixel=64)
 
 
 # tiny tensors: one intra-op thread is faster (tests/conftest.py)
@@ -46,18 +45,7 @@ def make_model(*opts, seed=0):
 
 def stripes(h, w, seed, sp=True):
     """A two-region image (class 0 left, class 3 right) with its superpixels, as the mapper gives."""
-    g = torch.Generator().manual_seed(seed)
-    img = torch.zeros(3, h, w)
-    lab = torch.zeros(h, w, dtype=torch.long)
-    cut = w // 3 + int(torch.randint(0, max(1, w // 3), (1,), generator=g))
-    img[0, :, :cut] = 200
-    img[2, :, cut:] = 220
-    lab[:, cut:] = 3
-    img += torch.randint(0, 20, (3, h, w), generator=g)
-    d = {"image": img, "sem_seg": lab, "height": h, "width": w}
-    if sp:
-        d["superpixels"] = superpixels_for_image_tensor(img, "RGB", SP_CFG)
-    return d
+    return stripes_sample(h, w, seed, superpixels=sp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from hiseg.evaluation.boundary_fscore import (BoundaryFScoreEvaluator, boundary_
                                               semantic_boundary_counts)
 from hiseg.evaluation.segment_retrieval import (SegmentRetrievalEvaluator, collect_reference,
                                                 retrieve_labels)
-from helpers import add_all_configs
+from helpers import add_all_configs, stripes_sample
 
 from hiseg_cast.evaluation import segment_retrieval_factory
 from hiseg_cast.modeling.heads import PixelHead
@@ -70,25 +70,6 @@ def test_token_head_equals_head_on_full_resolution_pixels():
     assert nearest_level(torch.tensor([300, 24, 12, 6, 3]), 9) == 2  # tie 12 / 6: the finer
 
 
-def _stripes_input(h, w, seed, sp=False):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.zeros(3, h, w)
-    lab = torch.zeros(h, w, dtype=torch.long)
-    cut = w // 3 + int(torch.randint(0, w // 3, (1,), generator=g))
-    img[0, :, :cut] = 200
-    img[2, :, cut:] = 220
-    lab[:, cut:] = 3
-    img += torch.randint(0, 20, (3, h, w), generator=g)
-    d = {"image": img, "sem_seg": lab, "height": h, "width": w}
-    if sp:
-        from hiseg_cast.superpixels import superpixels_for_image_tensor
-        from hiseg_cast.superpixels import SuperpixelConfig
-
-        d["superpixels"] = superpixels_for_image_tensor(img, "RGB", SuperpixelConfig(num_superpixels=0,
-                                                                                      pixels_per_superpixel=64))
-    return d
-
-
 @pytest.mark.parametrize("stride", [1, 4])
 def test_segmentor_trains_and_infers_synthetic(stride):
     torch.manual_seed(0)
@@ -97,13 +78,13 @@ def test_segmentor_trains_and_infers_synthetic(stride):
     model = build_model(cfg)
     assert type(model).__name__ == "CASTSemanticSegmentor"
     # one image brings its superpixels (as CASTDatasetMapper does), the other lets the model compute them
-    batch = [_stripes_input(64, 96, 0, sp=True), _stripes_input(72, 80, 1)]
+    batch = [stripes_sample(64, 96, 0, superpixels=True), stripes_sample(72, 80, 1, superpixels=False)]
     batch[1]["sem_seg"][:5] = 255  # ignored rows
     losses = sgd_steps(model, batch)
     assert losses[-1] < losses[0], losses
     model.eval()
     with torch.no_grad():
-        out = model([dict(_stripes_input(64, 96, 2), height=100, width=150)])[0]
+        out = model([dict(stripes_sample(64, 96, 2, superpixels=False), height=100, width=150)])[0]
     assert out["sem_seg"].shape == (5, 100, 150) and torch.isfinite(out["sem_seg"]).all()
     seg, feats = out["segments"], out["segment_features"]
     assert seg.shape == (100, 150) and seg.dtype == torch.int64
@@ -117,7 +98,7 @@ def test_segment_features_are_mean_fused_tokens_of_the_level():
     cfg = make_cfg("MODEL.CAST_SEM_SEG.NUM_CLASSES", 4, "MODEL.CAST_SEM_SEG.RETRIEVAL_OUTPUT", True,
                    "MODEL.CAST_SEM_SEG.RETRIEVAL_LEVEL", 2)
     model = build_model(cfg).eval()
-    d = _stripes_input(64, 64, 3, sp=True)
+    d = stripes_sample(64, 64, 3, superpixels=True)
     with torch.no_grad():
         out = model([d])[0]
         _, sp, fused, enc = model.encode([d])
