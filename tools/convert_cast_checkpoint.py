@@ -55,13 +55,11 @@ def build_model_from_config(args):
     from detectron2.modeling import build_model
 
     from hiseg.cli import merge_config
-    from hiseg.modeling import add_vit_config
     from hiseg_cast import add_cast_config
     from hiseg_oap import add_oap_config
 
     cfg = get_cfg()
     add_oap_config(add_cast_config(cfg))
-    add_vit_config(cfg)
     merge_config(cfg, args.config_file, args.opts)  # missing file / unknown key: one-line ConfigError
     cfg.MODEL.DEVICE = "cpu"
     with torch.no_grad():

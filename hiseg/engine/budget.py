@@ -43,7 +43,9 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
+from hiseg.checkpoint.io import read_checkpoint
 from hiseg.engine import HisegTrainer
+from hiseg.engine.atomic_checkpointer import read_last_checkpoint
 from hiseg.utils.atomic_io import atomic_write
 
 __all__ = ["BudgetSpec", "CallLimits", "WallClockBudget", "BudgetTrainer", "train_for_budget",
@@ -285,13 +287,9 @@ def _write_run(run_dir: str, info: dict):
 
 def _resume_iteration(run_dir: str) -> int:
     """The next iteration of the run's resume checkpoint (0 without one)."""
-    tag = os.path.join(run_dir, "last_checkpoint")
-    if not os.path.isfile(tag):
+    name = read_last_checkpoint(run_dir)
+    if name is None:
         return 0
-    from hiseg.checkpoint.io import read_checkpoint
-
-    with open(tag) as f:
-        name = f.read().strip()
     ckpt = read_checkpoint(os.path.join(run_dir, name))
     return int(ckpt["trainer"]["iteration"]) + 1
 

@@ -60,7 +60,7 @@ def eval_superpixel_cfg(cfg):
     ``PIXELS_PER_SUPERPIXEL`` (``NUM_SUPERPIXELS`` is the training views')."""
     from hiseg_cast.superpixels import SuperpixelConfig
 
-    return dataclasses.replace(SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL), num_superpixels=0)
+    return SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL).for_whole_images()
 
 
 def _entropy_stats(enc_out) -> Dict[str, list]:

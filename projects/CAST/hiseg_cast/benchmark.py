@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hiseg.benchmark import PIXEL_MEAN, PIXEL_STD, Sync, time_interleaved
+from hiseg.benchmark import Sync, normalize, time_interleaved
 
 __all__ = ["SIZES", "SAMPLE_IMAGES", "sample_batch", "time_superpixels", "PartTimer", "time_parts", "bench_device",
            "throughput_table", "parts_table"]
@@ -177,8 +177,7 @@ def bench_device(device, images_u8, superpixels, models: Sequence[str], iters: i
     from .modeling.encoder import CASTEncoder
 
     sync = Sync(device)
-    x = torch.from_numpy(((images_u8.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD).transpose(0, 3, 1, 2).copy())
-    x = x.to(device)
+    x = normalize(torch.from_numpy(images_u8).permute(0, 3, 1, 2)).to(device)
     sp = torch.from_numpy(superpixels).to(device)
     rows, parts = [], {}
     for size in models:

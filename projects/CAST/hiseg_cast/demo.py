@@ -146,7 +146,6 @@ def prepare_input(model, path: str, max_size: int):
     from PIL import Image
 
     from .superpixels.policy import superpixels_for_image_tensor
-    from .superpixels import SuperpixelConfig
 
     img = read_image(path, format="RGB")
     h, w = img.shape[:2]
@@ -154,10 +153,7 @@ def prepare_input(model, path: str, max_size: int):
     if s < 1.0:
         img = np.asarray(Image.fromarray(img).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
     t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-    cfg_sp = model.backbone.superpixel_cfg
-    sp = superpixels_for_image_tensor(t, "RGB", SuperpixelConfig(
-        method=cfg_sp.method, num_superpixels=0, pixels_per_superpixel=cfg_sp.pixels_per_superpixel,
-        histogram_bins=cfg_sp.histogram_bins, iterations=cfg_sp.iterations, prior=cfg_sp.prior))
+    sp = superpixels_for_image_tensor(t, "RGB", model.backbone.superpixel_cfg.for_whole_images())
     return img, {"image": t, "superpixels": sp, "height": img.shape[0], "width": img.shape[1]}
 
 

@@ -44,3 +44,17 @@ def test_json_and_png(tmp_path):
     with pytest.raises(ValueError, match="2-D uint8"):
         atomic_save_png(tmp_path / "bad.png", label.astype(np.int32))
     assert sorted(os.listdir(tmp_path)) == ["l.png", "r.json"]
+
+
+def test_fsync_for_records_not_for_bulk_label_maps(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert len(synced) == 1
+    atomic_save_png(tmp_path / "b.png", np.zeros((4, 5), np.uint8))
+    assert len(synced) == 1  # label maps: atomic, not flushed one by one
+    assert np.asarray(Image.open(tmp_path / "b.png")).shape == (4, 5)
+    with atomic_write(tmp_path / "c.bin", fsync=False) as f:
+        f.write(b"abc")
+    assert len(synced) == 1 and (tmp_path / "c.bin").read_bytes() == b"abc"

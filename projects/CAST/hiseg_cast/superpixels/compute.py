@@ -26,6 +26,7 @@ it; we start from the decoded uint8 image.
 Every returned label map is int64 with labels ``0..n-1`` all present (SEEDS may return fewer
 labels than asked and a few non-connected labels; both are fine downstream).
 """
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -71,6 +72,11 @@ class SuperpixelConfig:
         data mappers, which then leave ``superpixels`` out); the other methods run per image on
         the CPU in the mappers."""
         return self.method == "slic_torch"
+
+    def for_whole_images(self) -> "SuperpixelConfig":
+        """The same settings with the count from ``pixels_per_superpixel`` (``num_superpixels`` is
+        the training views'): S_0 of a whole image at evaluation, in the demo and the experiments."""
+        return dataclasses.replace(self, num_superpixels=0)
 
     @classmethod
     def from_cfg(cls, cfg_sp):

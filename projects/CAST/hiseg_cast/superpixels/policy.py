@@ -105,10 +105,13 @@ def input_superpixels(backbone, batched_inputs: Sequence[dict], images: torch.Te
             raise ValueError(f"superpixels {tuple(sp.shape)} do not match the image {(h, w)}")
         maps.append(sp)
     missing = [i for i, m in enumerate(maps) if m is None]
-    if missing and not compute:
+    if not missing:  # the mappers' S_0 (on the CPU): padded there, one copy to the device
+        return batch_superpixels([m.cpu().long() for m in maps], padded).to(images.device)
+    if not compute:
         return None
-    if missing:
-        fresh = backbone.superpixels_from_images(images[missing], [sizes[i] for i in missing])
-        for k, i in enumerate(missing):
-            maps[i] = fresh[k, :sizes[i][0], :sizes[i][1]]
+    fresh = backbone.superpixels_from_images(images[missing], [sizes[i] for i in missing])
+    if len(missing) == len(maps):  # already (B, H, W), -1 beyond each image's size
+        return fresh.long()
+    for k, i in enumerate(missing):
+        maps[i] = fresh[k, :sizes[i][0], :sizes[i][1]]
     return batch_superpixels([m.to(images.device).long() for m in maps], padded)

@@ -18,13 +18,11 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from hiseg.data.datasets.user_data import IMAGE_EXTS
 from hiseg.errors import UsageError
 
 __all__ = ["IMAGE_EXTS", "Item", "expand_image_patterns", "items_from_images", "items_from_dataset",
            "resolve_ground_truth"]
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
 
 @dataclass
 class Item:

@@ -14,14 +14,13 @@ import copy
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from detectron2.data import DatasetMapper
 from torchvision import transforms as T
 
 from hiseg.data.mapper_registry import MAPPER_REGISTRY
 from hiseg.image_io import read_image
 
-from ...superpixels import (SuperpixelConfig, compute_superpixels, mapper_computes_superpixels,
-                            superpixels_for_image_tensor)
+from ...superpixels import SuperpixelConfig, compute_superpixels, mapper_computes_superpixels
+from .cast_dataset_mapper import CASTDatasetMapper
 
 __all__ = ["MoCoTwoViewMapper"]
 
@@ -69,7 +68,7 @@ class MoCoTwoViewMapper:
         self.superpixel_cfg = SuperpixelConfig.from_cfg(cfg.MODEL.CAST.SUPERPIXEL)
         self.image_format = cfg.INPUT.FORMAT
         if not is_train:
-            self.test_mapper = DatasetMapper(cfg, False)
+            self.test_mapper = CASTDatasetMapper(cfg, False)
             return
         size = cfg.INPUT.CROP.SIZE[0]
         scale_min = cfg.MODEL.MOCO.CROP_MIN_SCALE
@@ -77,10 +76,7 @@ class MoCoTwoViewMapper:
 
     def __call__(self, dataset_dict):
         if not self.is_train:
-            out = self.test_mapper(copy.deepcopy(dataset_dict))
-            if self.with_superpixels:
-                out["superpixels"] = superpixels_for_image_tensor(out["image"], self.image_format, self.superpixel_cfg)
-            return out
+            return self.test_mapper(dataset_dict)
         d = copy.deepcopy(dataset_dict)
         img = Image.fromarray(read_image(d["file_name"], "RGB"))  # EXIF-oriented, 16-bit scaled
         for k, tf in enumerate(self.views, start=1):

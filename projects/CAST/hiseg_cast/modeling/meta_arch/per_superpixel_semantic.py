@@ -175,7 +175,7 @@ class CASTSemanticSegmentor(nn.Module):
         ``out`` is the backbone's output; subclasses with another head override this."""
         return self.head.forward_tokens(fused, self._pixel_counts(sp, fused.shape[1]))
 
-    def _loss(self, fused, sp, targets, out=None) -> torch.Tensor:
+    def _loss(self, fused, sp, targets, out) -> torch.Tensor:
         if self.feature_stride > 1:
             logits = self._grid_logits(fused, sp)
             return F.cross_entropy(logits, targets, ignore_index=self.ignore_value)

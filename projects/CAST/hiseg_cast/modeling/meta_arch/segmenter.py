@@ -155,12 +155,9 @@ class CASTSegmenter(CASTSemanticSegmentor):
         }
 
     def token_logits(self, fused: torch.Tensor, sp: torch.Tensor, out) -> torch.Tensor:
-        """(B, M_0, K) class logits of the superpixel tokens from the decoder."""
-        if out is not None:
-            valid = out["segment_valid"]
-        else:  # a token is real when it has pixels
-            valid = self._pixel_counts(sp, fused.shape[1]) > 0
-        return self.head(fused, valid)
+        """(B, M_0, K) class logits of the superpixel tokens from the decoder; the tokens it attends
+        to are the backbone's ``segment_valid`` ones."""
+        return self.head(fused, out["segment_valid"])
 
     def forward(self, batched_inputs: List[Dict]):
         if self.training:
