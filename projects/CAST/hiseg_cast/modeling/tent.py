@@ -59,6 +59,18 @@ class CosinePrototypeClassifier(nn.Module):
         return F.normalize(embeddings.float(), dim=-1) @ self.prototypes.t() / self.temperature
 
 
+@torch.no_grad()
+def _with_superpixels(model: nn.Module, d: dict) -> dict:
+    """``d`` with the S_0 the backbone would compute for it, when it reads superpixels and ``d``
+    brings none."""
+    from ..superpixels import reads_superpixels
+
+    if "superpixels" in d or not reads_superpixels(model.backbone):
+        return d
+    x = d["image"][None].to(model.device).float()
+    return {**d, "superpixels": model.superpixels_of_pixels(x)[0]}
+
+
 def tent_adapt(model: nn.Module, batched_inputs, classifier: Optional[nn.Module] = None, lr: float = 1.0,
                steps: int = 1, reset: bool = True, modules: Optional[nn.Module] = None) -> List[dict]:
     """TENT (Wang et al. 2021) per image, as CAST's Appx. B: for each input dict on its own
@@ -86,6 +98,7 @@ def tent_adapt(model: nn.Module, batched_inputs, classifier: Optional[nn.Module]
         for p in params:
             p.requires_grad_(True)
         for d in batched_inputs:
+            d = _with_superpixels(model, d)  # S_0 once: adaptation never changes the image
             saved = [p.detach().clone() for p in params]
             with torch.no_grad():
                 feats, out = model.embed([d])
