@@ -82,8 +82,10 @@ def build_source(args):
 
 
 def build_generator_from_args(args):
-    return build_pseudo_mask_generator(args.method, args.variant, args.impl, args.thresholds, args.phi, args.sigma,
-                                       args.w_f, args.w_s, args.vote_normalize, args.maskcut_tau, args.num_masks)
+    return build_pseudo_mask_generator(
+        args.method, maskcut_tau=args.maskcut_tau, num_masks=args.num_masks, variant=args.variant, impl=args.impl,
+        thresholds=args.thresholds, phi=args.phi, sigma=args.sigma, w_f=args.w_f, w_s=args.w_s,
+        vote_normalize=args.vote_normalize)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,21 +35,16 @@ def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def build_pseudo_mask_generator(
-    method: str = "oap", variant: str = "alg1", impl: str = "fast",
-    thresholds: Sequence[float] = (0.8, 0.7, 0.6, 0.5, 0.4), phi: Optional[int] = None, sigma: float = 0.07,
-    w_f: float = 0.6, w_s: float = 0.4, vote_normalize: bool = False, maskcut_tau: float = 0.15,
-    num_masks: int = 3,
-):
-    """(generator, number of layers, the kinds it fills): OAP (``variant`` ``alg1`` or ``uniap``,
-    ``impl`` ``fast`` or ``reference``) or MaskCut (one layer, ``instance`` only). A bad OAP
-    setting raises UsageError."""
+def build_pseudo_mask_generator(method: str = "oap", maskcut_tau: float = 0.15, num_masks: int = 3, **oap_options):
+    """(generator, number of layers, the kinds it fills): OAP
+    (:func:`~hiseg_oap.pooling.build_oap_generator` of ``oap_options``: ``variant``, ``impl``,
+    ``thresholds``, ``phi``, ...; a bad setting raises UsageError) or MaskCut (one layer,
+    ``instance`` only)."""
     from ..pooling import MaskCutConfig, build_generator, build_oap_generator
 
     if method == "oap":
         try:
-            gen = build_oap_generator(variant, impl=impl, thresholds=thresholds, phi=phi, sigma=sigma, w_f=w_f,
-                                      w_s=w_s, vote_normalize=vote_normalize)
+            gen = build_oap_generator(**oap_options)
         except ValueError as e:
             raise UsageError(str(e)) from e
         return gen, len(gen.config.thresholds), ("instance", "semantic")
